@@ -1,0 +1,164 @@
+"""The run configuration: flat kebab-case keys, defaults from pyproject, all checked up front.
+
+``[tool.flwr.app.config]`` in pyproject.toml is the single source of the defaults: `flwr run`
+reads it, and in-process callers (the reference trainer, notebooks, tests) read the same file
+through :func:`default_run_config`. Validation happens before any message is sent, so a wrong
+value fails in one clear error instead of half-way through a round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import AUX_HEADS, check_cut
+from strategies.methods import METHODS
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+DATASETS = {"cifar10": 10, "cifar100": 100}
+PARTITIONS = ("iid", "dirichlet")
+LR_SCHEDULES = ("constant", "step")
+PAYLOAD_DTYPES = ("float32", "float16")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type, or out of range."""
+
+
+@cache
+def default_run_config() -> dict[str, Any]:
+    with PYPROJECT.open("rb") as f:
+        return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str
+    dataset: str
+    data_dir: str
+    depth: int
+    cut: int
+    aux_head: str
+    num_rounds: int
+    batch_size: int
+    lr: float
+    lr_schedule: str
+    momentum: float
+    weight_decay: float
+    partition: str
+    dirichlet_alpha: float
+    samples_per_client: int
+    test_samples: int
+    seed: int
+    chunk_mib: float
+    payload_dtype: str
+    device: str
+    client_threads: int
+    server_threads: int
+    min_clients: int
+    output_dir: str
+    run_name: str
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any] | None = None) -> RunConfig:
+        """Defaults overlaid with ``run_config``; raises one ConfigError listing every problem."""
+        values = default_run_config() | dict(run_config or {})
+        known = {_key(f.name): f for f in dataclasses.fields(cls)}
+        problems = [f"unknown key {k!r}" for k in values if k not in known]
+        kwargs = {}
+        for key, field in known.items():
+            if key not in values:
+                problems.append(f"missing key {key!r}")
+                continue
+            try:
+                kwargs[field.name] = _coerce(values[key], field.type)
+            except TypeError as exc:
+                problems.append(f"{key}: {exc}")
+        if not problems:
+            cfg = cls(**kwargs)
+            problems = cfg._problems()
+        if problems:
+            raise ConfigError("invalid run config: " + "; ".join(problems))
+        return cfg
+
+    def _problems(self) -> list[str]:
+        checks = [
+            (self.method in METHODS, f"method {self.method!r} is not one of {sorted(METHODS)}"),
+            (self.dataset in DATASETS, f"dataset {self.dataset!r} is not one of {list(DATASETS)}"),
+            (self.aux_head in AUX_HEADS, f"aux-head {self.aux_head!r} not in {sorted(AUX_HEADS)}"),
+            (self.partition in PARTITIONS, f"partition {self.partition!r} not in {PARTITIONS}"),
+            (
+                self.lr_schedule in LR_SCHEDULES,
+                f"lr-schedule {self.lr_schedule!r} not in {LR_SCHEDULES}",
+            ),
+            (
+                self.payload_dtype in PAYLOAD_DTYPES,
+                f"payload-dtype {self.payload_dtype!r} not in {PAYLOAD_DTYPES}",
+            ),
+            (self.num_rounds >= 1, f"num-rounds must be >= 1, got {self.num_rounds}"),
+            (self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.dirichlet_alpha > 0, f"dirichlet-alpha must be > 0, got {self.dirichlet_alpha}"),
+            (self.samples_per_client >= 0, "samples-per-client must be >= 0 (0 = all)"),
+            (self.test_samples >= 0, "test-samples must be >= 0 (0 = all)"),
+            (self.chunk_mib > 0, f"chunk-mib must be > 0, got {self.chunk_mib}"),
+            (self.client_threads >= 0 and self.server_threads >= 0, "threads must be >= 0"),
+            (self.min_clients >= 1, f"min-clients must be >= 1, got {self.min_clients}"),
+            (bool(self.output_dir), "output-dir must not be empty"),
+        ]
+        problems = [msg for ok, msg in checks if not ok]
+        try:
+            check_cut(self.depth, self.cut)
+        except ValueError as exc:
+            problems.append(str(exc))
+        try:
+            torch.device("cuda" if self.device == "auto" else self.device)
+        except RuntimeError:
+            problems.append(f"device {self.device!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return problems
+
+    @property
+    def num_classes(self) -> int:
+        return DATASETS[self.dataset]
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The flat kebab-case form, as it travels in a ConfigRecord and lands in config.json."""
+        return {_key(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def lr_at(self, server_round: int) -> float:
+        """He et al.: divide by 10 at 50 % and 75 % of training when lr-schedule is "step"."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        done = (server_round - 1) / self.num_rounds
+        return self.lr * (0.1 ** ((done >= 0.5) + (done >= 0.75)))
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _coerce(value: Any, type_name: str) -> Any:
+    """Run-config values arrive from TOML or the command line: accept 1 for 1.0, never "1" for 1."""
+    if type_name == "float" and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if type_name == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if type_name == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if type_name == "str" and isinstance(value, str):
+        return value
+    raise TypeError(f"expected {type_name}, got {type(value).__name__} {value!r}")

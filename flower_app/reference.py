@@ -1,0 +1,133 @@
+"""In-process split learning without Flower: the speed baseline and the tests' oracle.
+
+It runs the very same steps as the Flower apps (``SplitClient`` data and modules, the method's
+client step, ``ServerSegment.train_on``, ``fedavg``) in one process, with no messages. Batches
+are visited in the same order as the strategy's round-robin, so for the same config it
+reproduces a Flower run's weights. One ``SavedTensorsMeter`` watches both parties at once, which
+is the paper's single-device setting: CSL's client graph is alive while the server steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, RecordDict
+
+from flower_app.client import SplitClient
+from flower_app.config import RunConfig
+from flower_app.metering import SavedTensorsMeter
+from flower_app.payload import decode_activations, encode_modules, load_modules
+from strategies.server_segment import ServerSegment
+from strategies.split_strategy import fedavg
+from strategies.steps import Phases
+
+
+@dataclass
+class ReferenceRun:
+    cfg: RunConfig
+    clients: list[SplitClient]
+    server: ServerSegment
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build(cfg: RunConfig, num_clients: int) -> ReferenceRun:
+    clients = [
+        SplitClient.create(cfg, pid, num_clients, cfg.data_dir) for pid in range(num_clients)
+    ]
+    meter = SavedTensorsMeter()
+    server = ServerSegment(cfg)
+    for party in [server, *clients]:
+        party.meter = meter  # one device, one meter: the paper's measurement
+    return ReferenceRun(cfg, clients, server)
+
+
+def train(cfg: RunConfig, num_clients: int = 1, rounds: int | None = None) -> ReferenceRun:
+    run = build(cfg, num_clients)
+    weights = encode_modules(run.clients[0].modules)
+    for rnd in range(1, (rounds or cfg.num_rounds) + 1):
+        weights = train_round(run, rnd, weights)
+        run.history[-1] |= evaluate(run, weights)
+    return run
+
+
+def train_round(run: ReferenceRun, rnd: int, weights) -> Any:
+    """One pass over every client's data, in the strategy's order; then FedAvg."""
+    cfg, server, meter = run.cfg, run.server, run.server.meter
+    lr = cfg.lr_at(rnd)
+    server.set_lr(lr)
+    meter.reset_peak()
+    client_phases, server_phases = Phases(), Phases()
+    loss = aux_loss = 0.0
+    examples = 0
+    t0 = time.perf_counter()
+    for client in run.clients:
+        load_modules(weights, client.modules)
+        client.epoch = rnd - 1
+        for group in client.parts.optimizer.param_groups:
+            group["lr"] = lr
+    per_message = run.clients[0].batches_per_message()
+    for first in range(0, max(c.num_batches for c in run.clients), per_message):
+        for client in run.clients:  # the strategy's turn order: one message per client per turn
+            for batch in range(first, min(first + per_message, client.num_batches)):
+                x, y = client.train_batch(rnd - 1, batch)
+                method = client.method
+                with meter.track():
+                    acts, aux = method.client_batch(client.parts, x, y, client_phases)
+                    result, grad = server.train_on(
+                        acts, y, server_phases, input_grad=method.returns_gradient
+                    )
+                    if grad is not None:
+                        method.client_gradient(client.parts, acts, grad, client_phases)
+                del acts
+                loss += result.loss
+                aux_loss += aux.loss * len(y) if aux is not None else 0.0
+                examples += len(y)
+    new_weights = fedavg(
+        [encode_modules(c.modules) for c in run.clients],
+        [float(len(c.train_idx)) for c in run.clients],
+    )
+    run.history.append(
+        {
+            "round": rnd,
+            "method": cfg.method,
+            "train_loss": loss / max(examples, 1),
+            "aux_train_loss": aux_loss / examples if run.clients[0].method.uses_aux_head else None,
+            "train_seconds": time.perf_counter() - t0,
+            "train_examples": examples,
+            "client_compute_seconds": client_phases.total,
+            "server_compute_seconds": server_phases.total,
+            "combined_peak_saved_bytes": meter.peak,
+        }
+    )
+    return new_weights
+
+
+def evaluate(run: ReferenceRun, weights) -> dict[str, float | None]:
+    """The clients' own evaluate handler, with the server segment on the activations."""
+    correct = aux_correct = examples = 0
+    for client in run.clients:
+        request = RecordDict({"arrays": weights, "config": ConfigRecord({"round": 0})})
+        while True:
+            reply = client.evaluate(request)
+            request = RecordDict({"config": ConfigRecord({"round": 0})})
+            if "acts" in reply:
+                acts, labels = decode_activations(
+                    reply["acts"], client.shape, run.cfg.num_classes, run.server.device
+                )
+                correct += run.server.evaluate_on(acts, labels, Phases()).correct
+            aux_correct += int(reply["metrics"]["aux-correct"])
+            examples += int(reply["metrics"]["num-examples"])
+            if reply["metrics"]["done"]:
+                break
+    uses_aux = run.clients[0].method.uses_aux_head
+    return {
+        "test_accuracy": correct / examples if examples else None,
+        "aux_test_accuracy": aux_correct / examples if examples and uses_aux else None,
+    }
+
+
+def client_weights(run: ReferenceRun) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in encode_modules(run.clients[0].modules).items()}

@@ -1,0 +1,1 @@
+"""Split-learning methods (one class each) and the Flower strategy that drives them."""
