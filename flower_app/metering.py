@@ -14,7 +14,7 @@ from torch import nn
 
 
 class _Saved:
-    """A tensor saved for backward; freeing it (when autograd drops the graph) releases its bytes."""
+    """A tensor saved for backward; when autograd drops the graph, its bytes are released."""
 
     __slots__ = ("tensor", "key", "meter")
 

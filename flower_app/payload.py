@@ -69,7 +69,8 @@ def decode_activations(
         )
     if labels.dtype.kind not in "iu" or labels.shape != (acts.shape[0],):
         raise PayloadError(
-            f"labels must be {acts.shape[0]} integers, got dtype {labels.dtype} shape {labels.shape}"
+            f"labels must be {acts.shape[0]} integers, "
+            f"got dtype {labels.dtype} shape {labels.shape}"
         )
     if labels.min() < 0 or labels.max() >= num_classes:
         raise PayloadError(

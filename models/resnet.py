@@ -99,7 +99,7 @@ class CifarResNet(nn.Module):
         return self.head(x)
 
     def split(self, cut: int) -> tuple[nn.Sequential, nn.Sequential]:
-        """Client segment (stem + blocks[:cut]) and server segment; they share this model's modules."""
+        """Client segment (stem + blocks[:cut]) and server segment, sharing this model's modules."""
         check_cut(self.depth, cut)
         client = nn.Sequential(self.stem, *self.blocks[:cut])
         server = nn.Sequential(*self.blocks[cut:], self.head)

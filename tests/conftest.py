@@ -78,7 +78,9 @@ class FlowerRunner:
     def __init__(self, env: dict[str, str], out: Path) -> None:
         self.env, self.out = env, out
 
-    def __call__(self, name: str, config: dict, clients: int = 2, timeout: float = 600) -> tuple[str, Path]:
+    def __call__(
+        self, name: str, config: dict, clients: int = 2, timeout: float = 600
+    ) -> tuple[str, Path]:
         overrides = {"output-dir": str(self.out), "run-name": name, "data-dir": data_dir()} | config
         cmd = [
             str(BIN / "flwr"),
