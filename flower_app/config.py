@@ -9,6 +9,7 @@ value fails in one clear error instead of half-way through a round.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -116,6 +117,10 @@ class RunConfig:
             (bool(self.output_dir), "output-dir must not be empty"),
         ]
         problems = [msg for ok, msg in checks if not ok]
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{_key(field.name)} must be a finite number, got {value}")
         try:
             check_cut(self.depth, self.cut)
         except ValueError as exc:

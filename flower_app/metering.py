@@ -48,7 +48,7 @@ class SavedTensorsMeter:
             yield
 
     def _pack(self, t: torch.Tensor) -> object:
-        if isinstance(t, nn.Parameter):
+        if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):  # weight or weight.t()
             return t
         key = (t.device, t.data_ptr(), t.numel())
         entry = self._live.get(key)
@@ -59,7 +59,9 @@ class SavedTensorsMeter:
             self.peak = max(self.peak, self.current)
         else:
             entry[0] += 1
-        return _Saved(t, key, self)
+        # Detached: a saved output (ReLU's) would otherwise point back, through its grad_fn, to
+        # the node that holds this object, a cycle that leaks when a graph is dropped unused.
+        return _Saved(t.detach(), key, self)
 
     @staticmethod
     def _unpack(packed: object) -> torch.Tensor:

@@ -43,7 +43,9 @@ def encode_activations(acts: torch.Tensor, labels: torch.Tensor, wire_dtype: str
     return ArrayRecord(
         {
             "acts": Array(acts.detach().cpu().numpy().astype(WIRE_DTYPES[wire_dtype], copy=False)),
-            "labels": Array(y.astype(np.uint8 if y.size == 0 or y.max() < 256 else np.int64)),
+            "labels": Array(
+                y.astype(np.uint8 if y.size == 0 or 0 <= y.min() <= y.max() < 256 else np.int64)
+            ),
         }
     )
 
@@ -87,10 +89,16 @@ def encode_gradient(grad: torch.Tensor, wire_dtype: str) -> ArrayRecord:
 
 
 def decode_gradient(record: ArrayRecord, like: torch.Tensor) -> torch.Tensor:
+    """The server's dL/d(acts); checked like activations, since it goes into the weights."""
     grad = _load(record, "grad")
+    if grad.dtype.kind != "f":
+        raise PayloadError(f"gradient must be floating point, got {grad.dtype}")
     if tuple(grad.shape) != tuple(like.shape):
         raise PayloadError(f"gradient has shape {grad.shape}, activations have {tuple(like.shape)}")
-    return torch.from_numpy(grad).to(device=like.device, dtype=like.dtype)
+    grad_t = torch.from_numpy(grad).to(device=like.device, dtype=like.dtype)
+    if not torch.isfinite(grad_t).all():
+        raise PayloadError("gradient contains NaN or infinite values")
+    return grad_t
 
 
 def encode_modules(modules: Mapping[str, nn.Module | None]) -> ArrayRecord:
@@ -114,6 +122,24 @@ def load_modules(record: ArrayRecord, modules: Mapping[str, nn.Module | None]) -
             k[n:]: torch.from_numpy(_load(record, k)) for k in record if k.startswith(prefix + ".")
         }
         module.load_state_dict(state, strict=True)
+
+
+def check_weights(record: ArrayRecord | None, like: ArrayRecord) -> None:
+    """A client's returned weights must match the global ones key for key, shape and dtype."""
+    if record is None:
+        raise PayloadError("final reply carries no client weights")
+    if set(record.keys()) != set(like.keys()):
+        diff = sorted(set(record.keys()).symmetric_difference(like.keys()))
+        raise PayloadError(f"client weights disagree with the global model in keys {diff}")
+    for key, ref in like.items():
+        got = _load(record, key)
+        if got.shape != tuple(ref.shape) or str(got.dtype) != ref.dtype:
+            raise PayloadError(
+                f"client weight {key!r} is {got.dtype}{list(got.shape)}, "
+                f"expected {ref.dtype}{list(ref.shape)}"
+            )
+        if got.dtype.kind == "f" and not np.isfinite(got).all():
+            raise PayloadError(f"client weight {key!r} contains NaN or infinite values")
 
 
 def _load(record: ArrayRecord, key: str) -> np.ndarray:

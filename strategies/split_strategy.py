@@ -27,6 +27,7 @@ from flower_app.config import RunConfig
 from flower_app.metering import cuda_peak_bytes, peak_rss_bytes, reset_cuda_peak, reset_peak_rss
 from flower_app.payload import (
     PayloadError,
+    check_weights,
     decode_activations,
     encode_gradient,
     encode_modules,
@@ -261,6 +262,7 @@ class SplitLearningStrategy(Strategy):
             ledger.add_client(content["metrics"])
             done = bool(content["metrics"]["done"])
             if done:
+                check_weights(content.get("arrays"), arrays)
                 finals[node] = reply
             elif follow_up is None and self.method.returns_gradient:
                 raise PayloadError("reply carries neither activations nor the final weights")
@@ -377,6 +379,11 @@ def fedavg(records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
     """Example-weighted mean of client weights (equal shares if no client saw an example)."""
     total = sum(weights)
     shares = [w / total for w in weights] if total else [1 / len(weights)] * len(weights)
+    keys = set(records[0].keys())
+    for record in records[1:]:
+        if set(record.keys()) != keys:
+            diff = sorted(keys.symmetric_difference(record.keys()))
+            raise PayloadError(f"client weights disagree in their keys: {diff}")
     averaged = {}
     for key in records[0]:
         arrays = [r[key].numpy() for r in records]

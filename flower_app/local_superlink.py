@@ -1,0 +1,159 @@
+"""A private simulation SuperLink and `flwr run` against it: for sweeps and tests.
+
+`flwr run .` starts a detached SuperLink on fixed ports that keeps running afterwards and that
+nothing stops. A sweep (or a test session) instead starts its own on free ports with its own
+FLWR_HOME, knows its PID, and stops it, and whatever it spawned, when it is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+APP_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+OFFLINE_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Stop a process started in its own session, and its process group, by PID."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@dataclass
+class FlwrRunResult:
+    log: str
+    run_dir: Path
+
+
+class LocalSuperLink:
+    """``with LocalSuperLink(home) as link: link.run(config, clients=2)``."""
+
+    def __init__(self, home: Path, startup_timeout: float = 60) -> None:
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.http_port, self.control_port = free_port(), free_port()
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+        self.env = (
+            os.environ
+            | OFFLINE_ENV
+            | {
+                "FLWR_HOME": str(self.home),
+                "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.http_port),
+                "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
+            }
+        )
+
+    def start(self) -> LocalSuperLink:
+        log = self.home / "superlink.log"
+        self.proc = subprocess.Popen(
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--isolation",
+                "subprocess",
+                "--control-api-address",
+                f"127.0.0.1:{self.control_port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.http_port),
+                "--log-file",
+                str(log),
+            ],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + self.startup_timeout
+        while not self._healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the local SuperLink did not start; see {log}")
+            time.sleep(0.2)
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.http_port}/health", timeout=0.5).is_success
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+    def __enter__(self) -> LocalSuperLink:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def run(
+        self,
+        run_config: Mapping[str, Any],
+        clients: int = 2,
+        cpus_per_client: float | None = None,
+        gpus_per_client: float | None = None,
+        timeout: float | None = None,
+        app: Path = APP_ROOT,
+    ) -> FlwrRunResult:
+        """`flwr run <app> --stream` with these run-config overrides; blocks until the run ends.
+
+        `flwr run` exits 0 even when the ServerApp fails: callers judge a run by its results
+        files (``rounds.jsonl``), and by the log.
+        """
+        federation = f"num-supernodes={clients}"
+        if cpus_per_client:  # Flower wants an int here when the value is whole
+            cpus = int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client
+            federation += f" client-resources-num-cpus={cpus}"
+        if gpus_per_client:
+            federation += f" client-resources-num-gpus={gpus_per_client}"
+        cmd = [
+            str(BIN / "flwr"),
+            "run",
+            str(app),
+            "--stream",
+            "--run-config",
+            " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items()),
+            "--federation-config",
+            federation,
+        ]
+        proc = subprocess.run(
+            cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=app
+        )
+        run_dir = Path(run_config.get("output-dir", "outputs")) / str(run_config.get("run-name"))
+        return FlwrRunResult(proc.stdout + proc.stderr, run_dir)

@@ -1,0 +1,360 @@
+"""Turn results directories into the paper's evidence: Figs. 4-7 as PNGs and a markdown table.
+
+    python -m flower_app.report multirun/2026-11-25_17-30-00 [--out docs/cpu_compare]
+
+Any directory works: every ``rounds.jsonl`` below it (with its ``config.json``) is one run. Runs
+that differ only in the method are paired, CSL against DSL, for each dataset, depth, cut and
+number of clients K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from flower_app.results import read_rounds
+
+METHOD_COLORS = {"csl": "tab:blue", "dsl": "tab:orange"}
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Setting:
+    dataset: str
+    depth: int
+    cut: int
+    clients: int
+
+    def label(self) -> str:
+        return f"ResNet-{self.depth} cut {self.cut}, K={self.clients}"
+
+
+@dataclass
+class Run:
+    path: Path
+    method: str
+    setting: Setting
+    rounds: list[dict[str, Any]]
+
+    def mean(self, key: str) -> float:
+        """Per-epoch average over rounds (every round is one epoch)."""
+        values = [r[key] for r in self.rounds if r.get(key) is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+    def peak(self, key: str) -> float:
+        return max((r[key] for r in self.rounds if r.get(key) is not None), default=float("nan"))
+
+    @property
+    def final_accuracy(self) -> float | None:
+        return self.rounds[-1]["test_accuracy"] if self.rounds else None
+
+    def forward_bytes_per_client(self) -> float:
+        return (self.mean("bytes_activations") + self.mean("bytes_labels")) / self.setting.clients
+
+    def backward_bytes_per_client(self) -> float:
+        return self.mean("bytes_gradients") / self.setting.clients
+
+    def time_split(self) -> dict[str, float]:
+        """Epoch wall time split in forward compute, backward compute and the rest.
+
+        Client and server compute may overlap (DSL pipelines them), so the parts can sum to
+        more than the wall time; "communication + idle" is what the wall time leaves over.
+        """
+        fwd = self.mean("client_forward_seconds") + self.mean("server_forward_seconds")
+        bwd = self.mean("client_backward_seconds") + self.mean("server_backward_seconds")
+        wall = self.mean("train_seconds")
+        return {
+            "forward": fwd,
+            "backward": bwd,
+            "comm+idle": max(0.0, wall - fwd - bwd),
+            "wall": wall,
+        }
+
+
+def load_runs(root: str | Path) -> list[Run]:
+    runs = []
+    for rounds_path in sorted(Path(root).rglob("rounds.jsonl")):
+        config_path = rounds_path.parent / "config.json"
+        rounds = read_rounds(rounds_path.parent)
+        if not config_path.exists() or not rounds:
+            continue
+        config = json.loads(config_path.read_text())
+        rc = config["run_config"]
+        setting = Setting(rc["dataset"], rc["depth"], rc["cut"], len(config["clients"]))
+        runs.append(Run(rounds_path.parent, rc["method"], setting, rounds))
+    return runs
+
+
+def pair(runs: list[Run]) -> dict[Setting, dict[str, Run]]:
+    table: dict[Setting, dict[str, Run]] = defaultdict(dict)
+    for run in runs:
+        table[run.setting][run.method] = run
+    return dict(
+        sorted(table.items(), key=lambda kv: (kv[0].dataset, kv[0].depth, kv[0].cut, kv[0].clients))
+    )
+
+
+def fig_accuracy(runs: list[Run]) -> Figure:
+    """Fig. 4: test accuracy per epoch, CSL vs DSL, for each split and K."""
+    pairs = pair(runs)
+    fig = Figure(figsize=(4.2 * len(pairs), 3.4), layout="tight")
+    axes = fig.subplots(1, len(pairs), squeeze=False)
+    for ax, (setting, by_method) in zip(axes[0], pairs.items(), strict=True):
+        for method, run in sorted(by_method.items()):
+            epochs = [r["round"] for r in run.rounds]
+            acc = [100 * (r["test_accuracy"] or 0) for r in run.rounds]
+            ax.plot(
+                epochs, acc, marker="o", ms=3, color=METHOD_COLORS.get(method), label=method.upper()
+            )
+            aux = [r["aux_test_accuracy"] for r in run.rounds]
+            if any(a is not None for a in aux):
+                ax.plot(
+                    epochs,
+                    [100 * (a or 0) for a in aux],
+                    ls=":",
+                    color=METHOD_COLORS.get(method),
+                    label=f"{method.upper()} aux head",
+                )
+        ax.set_title(f"{setting.dataset}: {setting.label()}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _bar_groups(pairs: dict[Setting, dict[str, Run]]) -> tuple[list[str], list[float]]:
+    return [s.label().replace(", ", "\n") for s in pairs], list(range(len(pairs)))
+
+
+def fig_communication(runs: list[Run]) -> Figure:
+    """Fig. 5: bytes per epoch between ONE client and the server, forward vs backward."""
+    pairs = pair(runs)
+    labels, xs = _bar_groups(pairs)
+    fig = Figure(figsize=(max(5.0, 1.8 * len(xs)), 3.6), layout="tight")
+    ax = fig.subplots()
+    width = 0.38
+    for i, method in enumerate(("csl", "dsl")):
+        fwd = [
+            by.get(method).forward_bytes_per_client() / MB if method in by else 0
+            for by in pairs.values()
+        ]
+        bwd = [
+            by.get(method).backward_bytes_per_client() / MB if method in by else 0
+            for by in pairs.values()
+        ]
+        pos = [x + (i - 0.5) * width for x in xs]
+        ax.bar(
+            pos,
+            fwd,
+            width,
+            color=METHOD_COLORS[method],
+            label=f"{method.upper()} forward (activations + labels)",
+        )
+        ax.bar(
+            pos,
+            bwd,
+            width,
+            bottom=fwd,
+            color=METHOD_COLORS[method],
+            alpha=0.45,
+            hatch="//",
+            label=f"{method.upper()} backward (gradients)",
+        )
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.set_ylabel("MB per epoch, one client")
+    ax.set_title("Communication per epoch (measured payload bytes)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def fig_memory(runs: list[Run]) -> Figure:
+    """Fig. 6: peak bytes held for backward, client and server, per split and K."""
+    pairs = pair(runs)
+    labels, xs = _bar_groups(pairs)
+    fig = Figure(figsize=(max(8.0, 3.2 * len(xs)), 3.6), layout="tight")
+    axes = fig.subplots(1, 2)
+    width = 0.38
+    for ax, side in zip(axes, ("client", "server"), strict=True):
+        for i, method in enumerate(("csl", "dsl")):
+            peaks = [
+                by[method].peak(f"{side}_peak_saved_bytes") / MB if method in by else 0
+                for by in pairs.values()
+            ]
+            ax.bar(
+                [x + (i - 0.5) * width for x in xs],
+                peaks,
+                width,
+                color=METHOD_COLORS[method],
+                label=method.upper(),
+            )
+        ax.set_xticks(xs, labels, fontsize=8)
+        ax.set_ylabel("peak MB held for backward")
+        ax.set_title(f"{side}: peak activation memory (saved-tensor hooks)", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def fig_time(runs: list[Run]) -> Figure:
+    """Fig. 7: epoch time split into forward compute, backward compute and the rest."""
+    pairs = pair(runs)
+    labels, xs = _bar_groups(pairs)
+    fig = Figure(figsize=(max(5.0, 1.8 * len(xs)), 3.6), layout="tight")
+    ax = fig.subplots()
+    width = 0.38
+    parts = (("forward", 1.0, ""), ("backward", 0.6, ""), ("comm+idle", 0.25, ".."))
+    for i, method in enumerate(("csl", "dsl")):
+        pos = [x + (i - 0.5) * width for x in xs]
+        bottom = [0.0] * len(xs)
+        for part, alpha, hatch in parts:
+            values = [by[method].time_split()[part] if method in by else 0 for by in pairs.values()]
+            ax.bar(
+                pos,
+                values,
+                width,
+                bottom=bottom,
+                color=METHOD_COLORS[method],
+                alpha=alpha,
+                hatch=hatch,
+                label=f"{method.upper()} {part}",
+            )
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        walls = [by[method].time_split()["wall"] if method in by else 0 for by in pairs.values()]
+        ax.scatter(
+            pos, walls, marker="_", s=300, color="black", zorder=3, label="wall time" if i else None
+        )
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.set_ylabel("seconds per epoch")
+    ax.set_title(
+        "Epoch time: compute summed over parties, and the rest\n"
+        "(parties overlap, so bars can exceed the wall time, black)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "-"
+
+
+COLUMNS = (
+    "dataset", "setting", "epochs", "acc CSL", "acc DSL", "DSL-CSL (pt)", "within 1 pt",
+    "fwd MB/epoch", "bwd MB/epoch CSL", "total MB/epoch CSL", "total MB/epoch DSL",
+    "bytes DSL/CSL", "client peak MB CSL", "client peak MB DSL", "DSL/CSL",
+    "server peak MB CSL", "server peak MB DSL", "DSL/CSL", "epoch s CSL (fwd/bwd/rest)",
+    "epoch s DSL (fwd/bwd/rest)",
+)  # fmt: skip
+
+
+def _time_cell(t: dict[str, float]) -> str:
+    return f"{t['wall']:.1f} ({t['forward']:.1f}/{t['backward']:.1f}/{t['comm+idle']:.1f})"
+
+
+def comparison_table(runs: list[Run]) -> str:
+    """Per configuration: accuracy, bytes, memory and time of CSL and DSL, with DSL/CSL ratios.
+
+    Bytes are per client and epoch; memory is the peak over epochs of the bytes held for
+    backward (saved-tensor hooks); time is the epoch wall time with its compute split.
+    """
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for setting, by in pair(runs).items():
+        csl, dsl = by.get("csl"), by.get("dsl")
+        if csl is None or dsl is None:
+            continue
+        acc_c, acc_d = 100 * (csl.final_accuracy or 0), 100 * (dsl.final_accuracy or 0)
+        total = [r.mean("bytes_train_total") / setting.clients / MB for r in (csl, dsl)]
+        client = [r.peak("client_peak_saved_bytes") / MB for r in (csl, dsl)]
+        server = [r.peak("server_peak_saved_bytes") / MB for r in (csl, dsl)]
+        cells = [
+            setting.dataset,
+            f"ResNet-{setting.depth} cut {setting.cut} K={setting.clients}",
+            str(min(len(csl.rounds), len(dsl.rounds))),
+            f"{acc_c:.1f}%",
+            f"{acc_d:.1f}%",
+            f"{acc_d - acc_c:+.1f}",
+            "yes" if abs(acc_d - acc_c) <= 1.0 else "no",
+            f"{dsl.forward_bytes_per_client() / MB:.1f}",
+            f"{csl.backward_bytes_per_client() / MB:.1f}",
+            f"{total[0]:.1f}",
+            f"{total[1]:.1f}",
+            _ratio(total[1], total[0]),
+            f"{client[0]:.1f}",
+            f"{client[1]:.1f}",
+            _ratio(client[1], client[0]),
+            f"{server[0]:.1f}",
+            f"{server[1]:.1f}",
+            _ratio(server[1], server[0]),
+            _time_cell(csl.time_split()),
+            _time_cell(dsl.time_split()),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def failed_jobs(root: str | Path) -> list[dict[str, Any]]:
+    path = Path(root) / "jobs.jsonl"
+    if not path.exists():
+        return []
+    jobs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [j for j in jobs if j.get("status") != "ok"]
+
+
+FIGURES = {
+    "fig4_accuracy.png": fig_accuracy,
+    "fig5_communication.png": fig_communication,
+    "fig6_memory.png": fig_memory,
+    "fig7_time.png": fig_time,
+}
+
+
+def make_report(root: str | Path, out: str | Path | None = None) -> dict[str, Path]:
+    """Write the four figures and table.md; returns their paths."""
+    runs = load_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"no results (rounds.jsonl + config.json) found under {root}")
+    out_dir = Path(out) if out else Path(root) / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, make in FIGURES.items():
+        fig = make(runs)
+        fig.savefig(out_dir / name, dpi=120)
+        written[name] = out_dir / name
+    table = comparison_table(runs)
+    failures = failed_jobs(root)
+    if failures:
+        table += "\n\nFailed jobs:\n" + "\n".join(
+            f"- job {j['job']} ({' '.join(j.get('overrides', []))}): {j['reason']}"
+            for j in failures
+        )
+    (out_dir / "table.md").write_text(table + "\n")
+    written["table.md"] = out_dir / "table.md"
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("root", help="a sweep directory, or any directory holding runs")
+    parser.add_argument(
+        "--out", help="where to write the figures and table (default: <root>/report)"
+    )
+    args = parser.parse_args()
+    for name, path in make_report(args.root, args.out).items():
+        print(f"{name}: {path}")
+    print()
+    print((Path(args.out or Path(args.root) / "report") / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Run the app in this Python process (notebooks, tests): Flower's Simulation Engine, no CLI.
+
+``flwr run .`` is the way to run experiments; this is for a notebook kernel or a test that needs
+a ClientApp of its own. Flower hands apps started this way an empty run config, so the config
+is baked into the ServerApp here, on top of the pyproject defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from flower_app import client_app as split_client_app
+from flower_app.config import RunConfig
+from flower_app.results import default_run_name
+from flower_app.server_app import run
+
+
+def server_app_for(overrides: Mapping[str, Any]) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run(grid, RunConfig.from_run_config(dict(context.run_config) | dict(overrides)))
+
+    return app
+
+
+def simulate(
+    overrides: Mapping[str, Any] | None = None,
+    num_clients: int = 2,
+    *,
+    client_app: ClientApp | None = None,
+    cpus_per_client: float = 2.0,
+) -> Path:
+    """Run one simulation to the end and return its results directory."""
+    cfg = RunConfig.from_run_config(overrides)  # fail here, before Ray starts
+    name = cfg.run_name or default_run_name(cfg, num_clients)
+    run_simulation(
+        server_app=server_app_for(dict(overrides or {}) | {"run-name": name}),
+        client_app=client_app or split_client_app.app,
+        num_supernodes=num_clients,
+        backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}},
+    )
+    logging.getLogger("flwr").setLevel(logging.INFO)
+    return (Path(cfg.output_dir).expanduser() / name).resolve()

@@ -1,0 +1,374 @@
+"""The Deployment Engine for real, on loopback: one SuperLink, two SuperNodes, `flwr run`.
+
+No simulation and no mocks: a `flower-superlink` and two `flower-supernode` processes are
+started here, each on a free port of 127.0.0.1, with a private FLWR_HOME, so nothing collides
+with a developer's SuperLink (9091-9093, 8000, 39091-39093, ...). Flower 1.42 serves the
+SuperLink's Fleet, Control and Runtime APIs on ONE HTTP port (`--host/--port`); the legacy gRPC
+servers start only when FLWR_INTERNAL_GRPC_* is set (removed from the env below) and the health
+server only with `--health-server-address` (not passed). A SuperNode binds one port, its Runtime
+(ClientAppIo) HTTP API (`--port`). `flwr run` talks to the SuperLink's Control API, i.e. the
+same `--port`, through a `[superlink.local-deployment]` connection in `$FLWR_HOME/config.toml`.
+
+In deployment every message a SuperNode receives starts a fresh `flwr-clientapp` process (the
+SuperNode logs count them; checked below). The ClientApp's in-process cache is therefore always
+empty, and every step after `query.setup` must rebuild the client from `context.state`. So these
+runs prove that `context.state` is the source of truth: the weights they produce equal the
+in-process reference's (`flower_app.reference`), message for message.
+
+All processes are stopped by PID (their process groups, then any descendant left) in the
+fixture's teardown, also when a test or the start-up fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from flower_app import reference
+from flower_app.config import RunConfig
+from models import cut_shape
+from tests.conftest import (
+    BIN,
+    ROOT,
+    TINY,
+    _free_port,
+    data_dir,
+    flower_env,
+    read_rounds,
+    stop,
+)
+
+CONNECTION = "local-deployment"
+NUM_NODES = 2
+# Every message the SuperNode pulls is logged as "Receiving: <type> message", then it starts one
+# ClientApp process for it.
+RECEIVING = "Receiving: "
+FRESH_PROCESS = "Start `flwr-clientapp` process"
+# Big chunks: a DSL client sends all its activations in one message (each message costs seconds
+# here, as each starts a fresh process).
+SMALL = TINY | {"num-rounds": 1, "test-samples": 64, "chunk-mib": 64.0, "min-clients": NUM_NODES}
+
+
+@dataclass
+class FlowerRun:
+    log: str
+    run_dir: Path
+    run_id: str
+    status: str
+    seconds: float
+
+
+@dataclass
+class Deployment:
+    env: dict[str, str]
+    home: Path
+    out: Path
+    port: int
+    supernode_logs: list[Path]
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
+
+    def online_nodes(self) -> list[str]:
+        proc = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
+        if proc.returncode != 0:
+            return []
+        nodes = json.loads(proc.stdout).get("nodes", [])
+        return [n["node-id"] for n in nodes if n["status"] == "online"]
+
+    def run(self, name: str, config: dict, timeout: float = 240) -> FlowerRun:
+        """`flwr run <ROOT> local-deployment --stream`; data-dir comes from the node config."""
+        overrides = config | {"output-dir": str(self.out), "run-name": name}
+        start = time.monotonic()
+        proc = self.flwr(
+            "run",
+            str(ROOT),
+            CONNECTION,
+            "--stream",
+            "--run-config",
+            " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()),
+            timeout=timeout,
+        )
+        seconds = time.monotonic() - start
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-3000:]
+        match = re.search(r"Successfully started run (\d+)", log)
+        assert match, log[-3000:]
+        run_id = match.group(1)
+        # `flwr run --stream` exits 0 even when the run failed: ask the SuperLink.
+        runs = json.loads(self.flwr("ls", CONNECTION, "--format", "json").stdout)["runs"]
+        status = next(r["status"] for r in runs if r["run-id"] == run_id)
+        return FlowerRun(log, self.out / name, run_id, status, seconds)
+
+    def received(self, run_id: str) -> list[int]:
+        """Messages each SuperNode pulled for ``run_id``."""
+        counts = []
+        for path in self.supernode_logs:
+            current, n = None, 0
+            for line in path.read_text().splitlines():
+                if m := re.search(r"\[RUN (\d+)\]", line):
+                    current = m.group(1)
+                elif RECEIVING in line and current == run_id:
+                    n += 1
+            counts.append(n)
+        return counts
+
+    def process_counts(self) -> list[tuple[int, int]]:
+        """(messages received, ClientApp processes started) for each SuperNode, all runs."""
+        out = []
+        for path in self.supernode_logs:
+            text = path.read_text()
+            out.append((text.count(RECEIVING), text.count(FRESH_PROCESS)))
+        return out
+
+
+def _ports(n: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < n:
+        if (port := _free_port()) not in ports:
+            ports.append(port)
+    return ports
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        tree.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return tree
+
+
+def _descendants(pids: list[int]) -> set[int]:
+    tree, found, todo = _children(), set(), list(pids)
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with log.open("wb") as fh:
+        return subprocess.Popen(
+            cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _stop_all(procs: list[subprocess.Popen]) -> None:
+    """SuperNodes first (they de-register), then the SuperLink; each by its process group.
+
+    The SuperLink's SuperExec (and the ServerApp it spawns) runs in a session of its own and only
+    follows its parent's death by polling: whatever outlives the groups is killed by PID.
+    """
+    spawned = _descendants([p.pid for p in procs])
+    for proc in reversed(procs):
+        try:
+            stop(proc)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in spawned) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in spawned:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory):
+    cifar = data_dir()  # skips when the real CIFAR-10 is missing
+    tmp = tmp_path_factory.mktemp("deployment")
+    home, out, logs = tmp / "flwr-home", tmp / "runs", tmp / "logs"
+    for d in (home, out, logs):
+        d.mkdir()
+    port, *node_ports = _ports(1 + NUM_NODES)
+    # The local-SuperLink ports point at ours: should `flwr` ever try to start a local SuperLink,
+    # it fails on a busy port instead of touching a developer's.
+    env = flower_env(home, port, port)
+    for key in ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API"):
+        env.pop(key, None)
+    # Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by bare name; without
+    # them on PATH (venv not activated) the SuperLink hangs in start-up instead of failing.
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    dep = Deployment(env, home, out, port, [logs / f"supernode-{i}.log" for i in range(NUM_NODES)])
+    try:
+        superlink_log = logs / "superlink.log"
+        superlink = _start(
+            [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                # a file: `--database :memory:` breaks (sqlite3 "cannot commit transaction")
+                "--database",
+                str(tmp / "linkstate.db"),
+            ],
+            env,
+            superlink_log,
+        )
+        dep.procs.append(superlink)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            if superlink.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"SuperLink did not start:\n{superlink_log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+        for pid, (node_port, log) in enumerate(zip(node_ports, dep.supernode_logs, strict=True)):
+            node_config = f"partition-id={pid} num-partitions={NUM_NODES} data-dir='{cifar}'"
+            dep.procs.append(
+                _start(
+                    [
+                        str(BIN / "flower-supernode"),
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",  # its Runtime (ClientAppIo) HTTP API
+                        str(node_port),
+                        "--node-config",
+                        node_config,
+                    ],
+                    env,
+                    log,
+                )
+            )
+        deadline = time.monotonic() + 60
+        while len(dep.online_nodes()) < NUM_NODES:
+            dead = [p.args for p in dep.procs if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                tails = "\n".join(p.read_text()[-1500:] for p in dep.supernode_logs)
+                pytest.fail(f"SuperNodes did not register (exited: {dead}):\n{tails}")
+            time.sleep(0.5)
+        yield dep
+    finally:
+        _stop_all(dep.procs)
+
+
+@pytest.fixture
+def one_thread():
+    """The apps run with client-threads = server-threads = 1; so must the reference."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _check_round(dep: Deployment, run: FlowerRun, config: dict) -> dict:
+    assert run.status == "finished:completed", run.log[-3000:]
+    rounds = read_rounds(run.run_dir)
+    assert len(rounds) == 1, rounds
+    r = rounds[0]
+    assert r["round"] == 1 and r["method"] == config["method"]
+    assert r["num_clients"] == NUM_NODES and r["failed_clients"] == 0, r["failures"]
+    samples = NUM_NODES * config["samples-per-client"]
+    acts_per_sample = math.prod(cut_shape(config["depth"], config["cut"])) * 4  # float32
+    assert cut_shape(config["depth"], config["cut"]) == (16, 32, 32)
+    assert r["bytes_activations"] == samples * acts_per_sample
+    assert r["bytes_labels"] == samples  # uint8 labels
+    assert r["train_examples"] == samples
+    assert isinstance(r["test_accuracy"], float) and 0.0 <= r["test_accuracy"] <= 1.0
+
+    # The clients are the two SuperNodes, each read its partition from its node config.
+    clients = json.loads((run.run_dir / "config.json").read_text())["clients"]
+    assert sorted(c["partition_id"] for c in clients) == list(range(NUM_NODES))
+    assert sorted(str(c["node_id"]) for c in clients) == sorted(dep.online_nodes())
+    assert all(c["data_source"].startswith(data_dir()) for c in clients), clients
+
+    # One fresh ClientApp process per message: setup + the training messages + evaluate.
+    per_node = r["train_messages"] // NUM_NODES
+    assert dep.received(run.run_id) == [2 + per_node] * NUM_NODES
+    for received, started in dep.process_counts():
+        assert received == started > 0
+    return r
+
+
+def _check_reference(run: FlowerRun, config: dict, rnd: dict) -> None:
+    """The deployment run equals the no-Flower reference: no state was lost between processes."""
+    ref = reference.train(RunConfig.from_run_config(config | {"data-dir": data_dir()}), 2)
+    saved = torch.load(run.run_dir / "model.pt")
+    for key, value in ref.server.segment.state_dict().items():
+        torch.testing.assert_close(saved["server_segment"][key], value, rtol=1e-5, atol=1e-5)
+    assert rnd["test_accuracy"] == pytest.approx(ref.history[-1]["test_accuracy"])
+
+
+def test_dsl_in_deployment(deployment: Deployment, one_thread):
+    """DSL, 1 round, 2 SuperNodes: one activation message per client, no gradients back."""
+    config = SMALL | {"method": "dsl", "samples-per-client": 128}
+    run = deployment.run("deploy-dsl", config)
+    r = _check_round(deployment, run, config)
+    assert r["bytes_gradients"] == 0
+    assert r["bytes_activations"] == 2 * 128 * 16 * 32 * 32 * 4
+    assert r["bytes_labels"] == 256
+    assert r["train_messages"] == NUM_NODES  # 8 MiB per client fits one 64 MiB chunk
+    _check_reference(run, config, r)
+    print(
+        f"\n[deploy-dsl] flwr run {run.seconds:.1f} s, round {r['round_seconds']:.1f} s, "
+        f"train {r['train_seconds']:.1f} s for {r['train_messages']} messages, "
+        f"eval {r['eval_seconds']:.1f} s"
+    )
+
+
+def test_csl_in_deployment(deployment: Deployment, one_thread):
+    """CSL, 2 batches per client: forward/backward round trips, each in a new process.
+
+    CSL's autograd graph cannot outlive a process, so every backward rebuilds the client from
+    `context.state` and still yields exactly the reference's weights.
+    """
+    config = SMALL | {"method": "csl", "samples-per-client": 64, "batch-size": 32}
+    run = deployment.run("deploy-csl", config)
+    r = _check_round(deployment, run, config)
+    assert r["bytes_gradients"] == r["bytes_activations"] == 2 * 64 * 16 * 32 * 32 * 4
+    assert r["train_messages"] > NUM_NODES * 2  # round trips, not one message per client
+    _check_reference(run, config, r)
+    print(
+        f"\n[deploy-csl] flwr run {run.seconds:.1f} s, round {r['round_seconds']:.1f} s, "
+        f"train {r['train_seconds']:.1f} s for {r['train_messages']} messages, "
+        f"eval {r['eval_seconds']:.1f} s"
+    )
