@@ -43,7 +43,7 @@ def setup(msg: Message, context: Context) -> Message:
                 '--node-config "partition-id=<i> num-partitions=<n>"'
             )
         data_dir = str(node.get("data-dir", cfg.data_dir))
-        _set_threads(cfg)
+        _set_threads(cfg, int(node["num-partitions"]))
         client = SplitClient.create(
             cfg, int(node["partition-id"]), int(node["num-partitions"]), data_dir
         )
@@ -98,7 +98,7 @@ def _restore(context: Context) -> SplitClient:
     if cached is not None and meta is not None and cached.version == meta["version"]:
         return cached
     client = SplitClient.from_state(context.state)
-    _set_threads(client.cfg)
+    _set_threads(client.cfg, client.num_partitions)
     return client
 
 
@@ -115,9 +115,10 @@ def _reply(msg: Message, context: Context, run: Callable[[], RecordDict]) -> Mes
         )
 
 
-def _set_threads(cfg: RunConfig) -> None:
-    if cfg.client_threads and torch.get_num_threads() != cfg.client_threads:
-        torch.set_num_threads(cfg.client_threads)
+def _set_threads(cfg: RunConfig, num_clients: int) -> None:
+    threads = cfg.torch_threads(cfg.client_threads, num_clients)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def _key(context: Context) -> tuple[int, int]:

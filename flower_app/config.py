@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -145,6 +146,19 @@ class RunConfig:
             return self.lr
         done = (server_round - 1) / self.num_rounds
         return self.lr * (0.1 ** ((done >= 0.5) + (done >= 0.75)))
+
+    def torch_threads(self, requested: int, num_clients: int) -> int:
+        """Threads for one party; 0 = auto from measurements on 2 cores (see README).
+
+        Client and server compute at the same time in DSL (pipelined chunks) and in CSL with
+        several clients, and then each is fastest with half the cores; CSL with one client
+        alternates strictly, so each side may use them all.
+        """
+        if requested:
+            return requested
+        cores = os.cpu_count() or 1
+        alone = METHODS[self.method].returns_gradient and num_clients == 1
+        return cores if alone else max(1, cores // 2)
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

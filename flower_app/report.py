@@ -250,8 +250,8 @@ def _ratio(a: float, b: float) -> str:
 COLUMNS = (
     "dataset", "setting", "epochs", "acc CSL", "acc DSL", "DSL-CSL (pt)", "within 1 pt",
     "fwd MB/epoch", "bwd MB/epoch CSL", "total MB/epoch CSL", "total MB/epoch DSL",
-    "bytes DSL/CSL", "client peak MB CSL", "client peak MB DSL", "DSL/CSL",
-    "server peak MB CSL", "server peak MB DSL", "DSL/CSL", "epoch s CSL (fwd/bwd/rest)",
+    "bytes DSL/CSL", "client peak MB CSL", "client peak MB DSL", "client DSL/CSL",
+    "server peak MB CSL", "server peak MB DSL", "server DSL/CSL", "epoch s CSL (fwd/bwd/rest)",
     "epoch s DSL (fwd/bwd/rest)",
 )  # fmt: skip
 

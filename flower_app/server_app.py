@@ -26,10 +26,9 @@ def main(grid: Grid, context: Context) -> None:
 
 def run(grid: Grid, cfg: RunConfig) -> SplitLearningStrategy:
     """Everything a run does, for any Grid; the config is already valid when this starts."""
-    if cfg.server_threads:
-        torch.set_num_threads(cfg.server_threads)
     strategy = SplitLearningStrategy(cfg)
     clients = strategy.connect(grid)
+    torch.set_num_threads(cfg.torch_threads(cfg.server_threads, len(clients)))
     writer = ResultsWriter(cfg, len(clients))
     strategy.on_round = writer.write_round
     writer.write_config(

@@ -6,7 +6,9 @@
 #   scripts/deploy_local.sh stop        # stop them, by the PIDs recorded at start
 #
 # then, as `start` prints:
-#   FLWR_HOME=<dir>/flwr-home flwr run . local-deployment --stream --run-config "min-clients=2"
+#   FLWR_HOME=<dir>/flwr-home FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 \
+#     flwr run . local-deployment --stream --run-config "min-clients=2"
+# (`flwr run --stream` exits 0 even when the run fails: check `flwr ls local-deployment`.)
 #
 # Every process is started in its own session (PID = process group id); the PIDs go to
 # <dir>/pids and `stop` signals exactly those groups (SuperNodes first, so they de-register),
@@ -48,7 +50,7 @@ if [[ -z "${FLOWER_BIN:-}" ]]; then
 fi
 PIDS="$DEPLOY_DIR/pids"
 # Flower starts its helpers by bare name (flower-superexec, flwr-serverapp, flwr-clientapp):
-# without them on PATH the SuperLink hangs in start-up, it does not fail.
+# without them on PATH the SuperLink exits at start-up (FileNotFoundError: 'flower-superexec').
 export PATH="$FLOWER_BIN:$PATH"
 export FLWR_HOME="$DEPLOY_DIR/flwr-home"
 # Offline-safe: no `uv sync` of the app's dependencies per run, no telemetry, no update check.
@@ -72,9 +74,13 @@ descendants() {  # all live descendants of the given PIDs
     done
 }
 
+WATCH=()  # PIDs that must stay alive while wait_for waits
 wait_for() {  # wait_for <seconds> <what> <command...>
-    local deadline=$((SECONDS + $1)) what="$2"; shift 2
+    local deadline=$((SECONDS + $1)) what="$2" pid; shift 2
     until "$@"; do
+        for pid in "${WATCH[@]}"; do
+            alive "$pid" || { echo "deploy_local: PID $pid exited while waiting for $what" >&2; return 1; }
+        done
         ((SECONDS < deadline)) || { echo "deploy_local: timed out waiting for $what" >&2; return 1; }
         sleep 0.5
     done
@@ -116,6 +122,7 @@ EOF
         --host 127.0.0.1 --port "$SUPERLINK_PORT" --database "$DEPLOY_DIR/linkstate.db" \
         >"$DEPLOY_DIR/superlink.log" 2>&1 </dev/null &
     echo "superlink $!" >>"$PIDS"
+    WATCH=("$!")
     wait_for 60 "the SuperLink (see $DEPLOY_DIR/superlink.log)" superlink_healthy || { stop; exit 1; }
 
     local i config
@@ -126,13 +133,15 @@ EOF
             --host 127.0.0.1 --port $((SUPERNODE_BASE_PORT + i)) --node-config "$config" \
             >"$DEPLOY_DIR/supernode-$i.log" 2>&1 </dev/null &
         echo "supernode-$i $!" >>"$PIDS"
+        WATCH+=("$!")
     done
     wait_for 90 "$n SuperNodes to register (see $DEPLOY_DIR/supernode-*.log)" nodes_online "$n" ||
         { stop; exit 1; }
 
     echo "SuperLink on 127.0.0.1:$SUPERLINK_PORT with $n SuperNodes; logs and PIDs in $DEPLOY_DIR"
     echo "Run the app with:"
-    echo "  FLWR_HOME=$FLWR_HOME flwr run $REPO local-deployment --stream --run-config \"min-clients=$n\""
+    echo "  FLWR_HOME=$FLWR_HOME FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 \\"
+    echo "    flwr run $REPO local-deployment --stream --run-config \"min-clients=$n\""
     echo "Stop with: $0 stop"
 }
 
@@ -143,9 +152,10 @@ stop() {
     mapfile -t entries < <(tac "$PIDS")
     for entry in "${entries[@]}"; do pids+=("${entry##* }"); done
     spawned="$(descendants "${pids[@]}")"
+    WATCH=()
     for entry in "${entries[@]}"; do
         name="${entry% *}"; pid="${entry##* }"
-        alive "$pid" || continue
+        alive "$pid" || { echo "$name (PID $pid) had already exited"; continue; }
         kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
         wait_for 20 "$name ($pid) to exit" bash -c "! [[ -d /proc/$pid ]] || grep -q ') Z' /proc/$pid/stat" ||
             kill -KILL -- "-$pid" 2>/dev/null || true
@@ -173,5 +183,5 @@ case "${1:-}" in
     start) start "${2:-2}" ;;
     stop) stop ;;
     status) status ;;
-    *) sed -n '2,8p' "$0"; exit 2 ;;
+    *) sed -n '2,10p' "$0"; exit 2 ;;
 esac

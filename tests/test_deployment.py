@@ -222,7 +222,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
     for key in ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API"):
         env.pop(key, None)
     # Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by bare name; without
-    # them on PATH (venv not activated) the SuperLink hangs in start-up instead of failing.
+    # them on PATH (venv not activated) the SuperLink exits at start-up (FileNotFoundError).
     env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'

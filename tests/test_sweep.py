@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from flower_app.report import load_runs, make_report
+from flower_app.report import COLUMNS, load_runs, make_report
 from tests.conftest import ROOT, TINY, data_dir
 
 TINY_OVERRIDES = [f"run_config.{k}={v}" for k, v in (TINY | {"num-rounds": 1}).items()]
@@ -48,6 +48,9 @@ def test_sweep_runs_every_job_reports_failures_and_feeds_the_report(tmp_path):
     for name in ("fig4_accuracy.png", "fig5_communication.png", "fig6_memory.png", "fig7_time.png"):
         assert written[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = written["table.md"].read_text()
-    assert "| cifar10 | ResNet-8 cut 1 K=2 | 1 |" in table
-    assert "| 0.50 |" in table  # bytes DSL/CSL
+    row = next(line for line in table.splitlines() if "ResNet-8 cut 1 K=2" in line)
+    cells = dict(zip(COLUMNS, (c.strip() for c in row.strip("|").split("|")), strict=True))
+    assert cells["dataset"] == "cifar10" and cells["epochs"] == "1"
+    assert 0.50 <= float(cells["bytes DSL/CSL"]) <= 0.52
+    assert cells["bwd MB/epoch CSL"] == cells["fwd MB/epoch"]  # gradients as big as activations
     assert "Failed jobs:" in table and "SetupError" in table
