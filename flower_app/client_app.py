@@ -67,12 +67,9 @@ def setup(msg: Message, context: Context) -> Message:
 
 
 @app.train("forward")
-def forward(msg: Message, context: Context) -> Message:
-    return _reply(msg, context, lambda: _step(context, SplitClient.train, msg.content))
-
-
 @app.train("backward")
-def backward(msg: Message, context: Context) -> Message:
+def train(msg: Message, context: Context) -> Message:
+    """Both types go to ``SplitClient.train``: a backward message just also carries a gradient."""
     return _reply(msg, context, lambda: _step(context, SplitClient.train, msg.content))
 
 

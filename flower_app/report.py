@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,109 +130,89 @@ def fig_accuracy(runs: list[Run]) -> Figure:
     return fig
 
 
-def _bar_groups(pairs: dict[Setting, dict[str, Run]]) -> tuple[list[str], list[float]]:
-    return [s.label().replace(", ", "\n") for s in pairs], list(range(len(pairs)))
+BAR_WIDTH = 0.38
+Part = tuple[str, Callable[[Run], float], dict[str, Any]]
+
+
+def _method_bars(ax: Any, pairs: dict[Setting, dict[str, Run]], parts: list[Part]) -> list[float]:
+    """CSL and DSL bars side by side for every setting, each bar stacked from ``parts``.
+
+    Returns the x position of every bar, CSL first, for markers drawn on top.
+    """
+    xs = range(len(pairs))
+    positions = []
+    for i, method in enumerate(("csl", "dsl")):
+        pos = [x + (i - 0.5) * BAR_WIDTH for x in xs]
+        bottom = [0.0] * len(pos)
+        for name, value, style in parts:
+            values = [value(by[method]) if method in by else 0.0 for by in pairs.values()]
+            label = f"{method.upper()} {name}".strip()
+            color = METHOD_COLORS[method]
+            ax.bar(pos, values, BAR_WIDTH, bottom=bottom, color=color, label=label, **style)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+        positions += pos
+    ax.set_xticks(list(xs), [s.label().replace(", ", "\n") for s in pairs], fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return positions
+
+
+def _figure(pairs: dict[Setting, dict[str, Run]], panels: int = 1) -> tuple[Figure, list[Any]]:
+    width = max(5.0, 1.8 * len(pairs)) * panels
+    fig = Figure(figsize=(width, 3.6), layout="tight")
+    return fig, list(fig.subplots(1, panels, squeeze=False)[0])
 
 
 def fig_communication(runs: list[Run]) -> Figure:
     """Fig. 5: bytes per epoch between ONE client and the server, forward vs backward."""
     pairs = pair(runs)
-    labels, xs = _bar_groups(pairs)
-    fig = Figure(figsize=(max(5.0, 1.8 * len(xs)), 3.6), layout="tight")
-    ax = fig.subplots()
-    width = 0.38
-    for i, method in enumerate(("csl", "dsl")):
-        fwd = [
-            by.get(method).forward_bytes_per_client() / MB if method in by else 0
-            for by in pairs.values()
-        ]
-        bwd = [
-            by.get(method).backward_bytes_per_client() / MB if method in by else 0
-            for by in pairs.values()
-        ]
-        pos = [x + (i - 0.5) * width for x in xs]
-        ax.bar(
-            pos,
-            fwd,
-            width,
-            color=METHOD_COLORS[method],
-            label=f"{method.upper()} forward (activations + labels)",
-        )
-        ax.bar(
-            pos,
-            bwd,
-            width,
-            bottom=fwd,
-            color=METHOD_COLORS[method],
-            alpha=0.45,
-            hatch="//",
-            label=f"{method.upper()} backward (gradients)",
-        )
-    ax.set_xticks(xs, labels, fontsize=8)
+    fig, (ax,) = _figure(pairs)
+    parts: list[Part] = [
+        ("forward (activations + labels)", lambda r: r.forward_bytes_per_client() / MB, {}),
+        (
+            "backward (gradients)",
+            lambda r: r.backward_bytes_per_client() / MB,
+            {"alpha": 0.45, "hatch": "//"},
+        ),
+    ]
+    _method_bars(ax, pairs, parts)
     ax.set_ylabel("MB per epoch, one client")
     ax.set_title("Communication per epoch (measured payload bytes)", fontsize=10)
     ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
     return fig
 
 
 def fig_memory(runs: list[Run]) -> Figure:
     """Fig. 6: peak bytes held for backward, client and server, per split and K."""
     pairs = pair(runs)
-    labels, xs = _bar_groups(pairs)
-    fig = Figure(figsize=(max(8.0, 3.2 * len(xs)), 3.6), layout="tight")
-    axes = fig.subplots(1, 2)
-    width = 0.38
+    fig, axes = _figure(pairs, panels=2)
     for ax, side in zip(axes, ("client", "server"), strict=True):
-        for i, method in enumerate(("csl", "dsl")):
-            peaks = [
-                by[method].peak(f"{side}_peak_saved_bytes") / MB if method in by else 0
-                for by in pairs.values()
-            ]
-            ax.bar(
-                [x + (i - 0.5) * width for x in xs],
-                peaks,
-                width,
-                color=METHOD_COLORS[method],
-                label=method.upper(),
-            )
-        ax.set_xticks(xs, labels, fontsize=8)
+        key = f"{side}_peak_saved_bytes"
+        _method_bars(ax, pairs, [("", lambda r, k=key: r.peak(k) / MB, {})])
         ax.set_ylabel("peak MB held for backward")
         ax.set_title(f"{side}: peak activation memory (saved-tensor hooks)", fontsize=9)
         ax.legend(fontsize=7)
-        ax.grid(axis="y", alpha=0.3)
     return fig
 
 
 def fig_time(runs: list[Run]) -> Figure:
     """Fig. 7: epoch time split into forward compute, backward compute and the rest."""
     pairs = pair(runs)
-    labels, xs = _bar_groups(pairs)
-    fig = Figure(figsize=(max(5.0, 1.8 * len(xs)), 3.6), layout="tight")
-    ax = fig.subplots()
-    width = 0.38
-    parts = (("forward", 1.0, ""), ("backward", 0.6, ""), ("comm+idle", 0.25, ".."))
-    for i, method in enumerate(("csl", "dsl")):
-        pos = [x + (i - 0.5) * width for x in xs]
-        bottom = [0.0] * len(xs)
-        for part, alpha, hatch in parts:
-            values = [by[method].time_split()[part] if method in by else 0 for by in pairs.values()]
-            ax.bar(
-                pos,
-                values,
-                width,
-                bottom=bottom,
-                color=METHOD_COLORS[method],
-                alpha=alpha,
-                hatch=hatch,
-                label=f"{method.upper()} {part}",
-            )
-            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-        walls = [by[method].time_split()["wall"] if method in by else 0 for by in pairs.values()]
-        ax.scatter(
-            pos, walls, marker="_", s=300, color="black", zorder=3, label="wall time" if i else None
+    fig, (ax,) = _figure(pairs)
+    parts: list[Part] = [
+        (part, lambda r, p=part: r.time_split()[p], {"alpha": alpha, "hatch": hatch})
+        for part, alpha, hatch in (
+            ("forward", 1.0, ""),
+            ("backward", 0.6, ""),
+            ("comm+idle", 0.25, ".."),
         )
-    ax.set_xticks(xs, labels, fontsize=8)
+    ]
+    positions = _method_bars(ax, pairs, parts)
+    walls = [
+        by[m].time_split()["wall"] if m in by else 0.0
+        for m in ("csl", "dsl")
+        for by in pairs.values()
+    ]
+    ax.scatter(positions, walls, marker="_", s=300, color="black", zorder=3, label="wall time")
     ax.set_ylabel("seconds per epoch")
     ax.set_title(
         "Epoch time: compute summed over parties, and the rest\n"
@@ -239,7 +220,6 @@ def fig_time(runs: list[Run]) -> Figure:
         fontsize=9,
     )
     ax.legend(fontsize=6, ncol=2)
-    ax.grid(axis="y", alpha=0.3)
     return fig
 
 

@@ -269,22 +269,20 @@ class SplitLearningStrategy(Strategy):
             return follow_up, done
 
         report = Exchange(grid, self.timeout).run(first, arrive=arrive, consume=consume)
-        aggregated, _ = self.aggregate_train(
-            rnd, [finals[n] for n in finals if n not in report.failures]
-        )
+        aggregated, _ = self.aggregate_train(rnd, finals.values())  # a done client cannot fail
         return aggregated, {
             "ledger": ledger,
             "phases": phases,
             "report": report,
             "lr": lr,
-            "clients": len(finals) - len(set(finals) & set(report.failures)),
+            "clients": len(finals),
             "failures": report.failures,
             "server_peaks": self._server_peaks(),
         }
 
     def evaluate_round(self, grid: Grid, rnd: int, arrays: ArrayRecord) -> dict:
         config = ConfigRecord({"round": rnd})
-        ledger, phases, done_replies = Ledger(), Phases(), []
+        ledger, phases, replies = Ledger(), Phases(), []
         first = self.configure_evaluate(rnd, arrays, config, grid)
         ledger.bytes["eval"] += sum(record_bytes(m.content.get("arrays")) for m in first)
 
@@ -305,11 +303,11 @@ class SplitLearningStrategy(Strategy):
                 ledger.server_correct += result.correct
                 ledger.server_examples += len(labels)
             ledger.add_client(content["metrics"])
-            done_replies.append(reply)
+            replies.append(reply)
             return None, bool(content["metrics"]["done"])
 
         report = Exchange(grid, self.timeout).run(first, arrive=arrive, consume=consume)
-        aux = self.aggregate_evaluate(rnd, done_replies) if self.method.uses_aux_head else None
+        aux = self.aggregate_evaluate(rnd, replies) if self.method.uses_aux_head else None
         return {"ledger": ledger, "phases": phases, "report": report, "aux": aux}
 
     # ------------------------------------------------------------------------ measurement

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from flower_app.local_superlink import (  # noqa: F401  (BIN is re-exported for tests)
     BIN,
@@ -43,6 +44,17 @@ CIFAR10_CANDIDATES = [Path(p) for p in (os.environ.get("SPLIT_LEARNING_DATA_DIR"
     ROOT.parent / "shared" / "data" / "cifar10",
     Path("/work/shared/data/cifar10"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread in the test process. The apps in TINY runs are pinned to one thread too,
+    and float sums depend on how work is split across threads, so computations that are compared
+    with a Flower run bit for bit must use one; it also keeps the suite off the second core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def data_dir() -> str:

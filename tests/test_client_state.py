@@ -34,15 +34,6 @@ SAMPLES = 96  # three batches per epoch
 BYTES_PER_SAMPLE = int(np.prod(cut_shape(TINY["depth"], TINY["cut"]))) * 4  # float32 on the wire
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: the suite shares two cores, and it removes any doubt about reduction order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cfg(method: str, **extra) -> RunConfig:
     return RunConfig.from_run_config(
         TINY

@@ -291,15 +291,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
         _stop_all(dep.procs)
 
 
-@pytest.fixture
-def one_thread():
-    """The apps run with client-threads = server-threads = 1; so must the reference."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _check_round(dep: Deployment, run: FlowerRun, config: dict) -> dict:
     assert run.status == "finished:completed", run.log[-3000:]
     rounds = read_rounds(run.run_dir)

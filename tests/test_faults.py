@@ -22,7 +22,7 @@ def faulty_client_app() -> ClientApp:
 
     @app.train("forward")
     def forward(msg: Message, context: Context) -> Message:
-        reply = real.forward(msg, context)
+        reply = real.train(msg, context)
         if context.node_config["partition-id"] == 1 and "acts" in reply.content:
             acts = reply.content["acts"]["acts"].numpy().copy()
             acts.flat[7] = np.nan

@@ -17,16 +17,6 @@ from models import cut_shape, resnet
 from tests.conftest import TINY, data_dir, read_rounds
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The apps run with client-threads = server-threads = 1; float sums depend on the split of
-    work across threads, so the in-process computations compared with them must use 1 too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def runs(flwr_run):
     """One DSL and one CSL run with identical settings: 2 clients, 2 rounds, real CIFAR-10."""

@@ -15,14 +15,6 @@ from torch import nn
 from flower_app.metering import SavedTensorsMeter, peak_rss_bytes, reset_peak_rss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _net() -> nn.Module:
     """Conv, BatchNorm and ReLU: the layers of a client segment."""
     torch.manual_seed(0)

@@ -17,15 +17,6 @@ from models import (
 from models.resnet import blocks_per_stage
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two cores are shared by the whole suite; one thread also keeps results reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cuts(depth: int) -> list[int]:
     """1, the stage boundaries n and 2n, the first block of stage 2, and the last legal cut."""
     n = blocks_per_stage(depth)
