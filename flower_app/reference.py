@@ -9,7 +9,9 @@ is the paper's single-device setting: CSL's client graph is alive while the serv
 
 from __future__ import annotations
 
+import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,3 +133,28 @@ def evaluate(run: ReferenceRun, weights) -> dict[str, float | None]:
 
 def client_weights(run: ReferenceRun) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in encode_modules(run.clients[0].modules).items()}
+
+
+def main(argv: list[str]) -> None:
+    """``python -m flower_app.reference [--clients K] key=value ...``: one run, a line a round."""
+    clients = 1
+    overrides: dict[str, Any] = {}
+    args = iter(argv)
+    for arg in args:
+        if arg == "--clients":
+            clients = int(next(args))
+            continue
+        key, _, value = arg.partition("=")
+        overrides[key] = tomllib.loads(f"v = {value}")["v"]  # TOML values, as --run-config
+    run = train(RunConfig.from_run_config(overrides), clients)
+    for h in run.history:
+        aux = h["aux_test_accuracy"]
+        print(
+            f"round {h['round']}: test accuracy {100 * h['test_accuracy']:.1f}%"
+            + ("" if aux is None else f", aux head {100 * aux:.1f}%")
+            + f", train loss {h['train_loss']:.3f}, aux loss {h['aux_train_loss'] or 0:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

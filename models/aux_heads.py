@@ -3,7 +3,7 @@
 ``fc`` is the paper's single fully connected layer on the flattened activations. Its input is
 multiplied by the constant 1/sqrt(H*W): with C*H*W = 16,384 inputs at an early cut, plain SGD at
 the paper's learning rate (0.1, and even 0.01) makes the aux loss explode and the client's ReLUs
-die (test accuracy 9 % after 3 rounds in our runs, see README). The constant rescales the layer's
+die (test accuracy 9 % after 3 rounds, see README). The constant rescales the layer's
 effective step to its fan-in; it adds no parameter. ``fc_unscaled`` keeps the literal layer for
 anyone who wants to reproduce that failure. ``pool_fc`` pools first, so it has C x classes
 weights instead of C*H*W x classes: far less to synchronise between clients. ``conv_mlp`` is the
