@@ -1,7 +1,9 @@
 """DSL vs CSL side by side, in one run: bytes, memory and epoch time, as measured ratios.
 
     python benchmarks/compare_methods.py                      # ResNet-20 cut 3, 2 clients
-    python benchmarks/compare_methods.py depth=110 cut=18 samples-per-client=1000
+    python benchmarks/compare_methods.py depth=110 cut=18 samples-per-client=1000 clients=4
+
+Arguments are run-config keys with TOML values, as in `flwr run --run-config` (strings quoted).
 
 For each method it runs (1) the in-process reference trainer (no Flower, torch's default threads:
 the speed baseline; one SavedTensorsMeter over client and server, the paper's one-device setting)
@@ -19,29 +21,15 @@ from pathlib import Path
 import torch
 
 from flower_app import reference
-from flower_app.config import RunConfig
+from flower_app.config import RunConfig, parse_overrides
 from flower_app.local_superlink import LocalSuperLink
 from flower_app.results import human_bytes, read_rounds
 
 DEFAULTS = {"num-rounds": 2, "samples-per-client": 2000, "test-samples": 1000}
 
 
-def parse(argv: list[str]) -> dict:
-    overrides = {}
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                continue
-        overrides[key] = value
-    return overrides
-
-
 def main(argv: list[str]) -> None:
-    overrides = DEFAULTS | parse(argv)
+    overrides = DEFAULTS | parse_overrides(argv)
     clients = int(overrides.pop("clients", 2))
     out = Path(tempfile.mkdtemp(prefix="bench-"))
     results: dict[str, dict] = {}

@@ -166,6 +166,17 @@ class RunConfig:
         return torch.device(self.device)
 
 
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``key=value`` arguments with TOML values, as `flwr run --run-config` takes them."""
+    overrides = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"expected key=value, got {arg!r}")
+        overrides[key] = tomllib.loads(f"v = {value}")["v"]
+    return overrides
+
+
 def _key(field_name: str) -> str:
     return field_name.replace("_", "-")
 

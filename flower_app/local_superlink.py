@@ -32,6 +32,19 @@ OFFLINE_ENV = {
 }
 
 
+def flower_env(home: Path, http_port: int, control_port: int) -> dict[str, str]:
+    """The environment every Flower process we start gets: offline, private home and ports."""
+    return (
+        os.environ
+        | OFFLINE_ENV
+        | {
+            "FLWR_HOME": str(home),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+        }
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -64,15 +77,7 @@ class LocalSuperLink:
         self.http_port, self.control_port = free_port(), free_port()
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
-        self.env = (
-            os.environ
-            | OFFLINE_ENV
-            | {
-                "FLWR_HOME": str(self.home),
-                "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.http_port),
-                "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
-            }
-        )
+        self.env = flower_env(self.home, self.http_port, self.control_port)
 
     def start(self) -> LocalSuperLink:
         log = self.home / "superlink.log"

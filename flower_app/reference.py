@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +18,7 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from flower_app.client import SplitClient
-from flower_app.config import RunConfig
+from flower_app.config import RunConfig, parse_overrides
 from flower_app.metering import SavedTensorsMeter
 from flower_app.payload import decode_activations, encode_modules, load_modules
 from strategies.server_segment import ServerSegment
@@ -138,14 +137,9 @@ def client_weights(run: ReferenceRun) -> dict[str, np.ndarray]:
 def main(argv: list[str]) -> None:
     """``python -m flower_app.reference [--clients K] key=value ...``: one run, a line a round."""
     clients = 1
-    overrides: dict[str, Any] = {}
-    args = iter(argv)
-    for arg in args:
-        if arg == "--clients":
-            clients = int(next(args))
-            continue
-        key, _, value = arg.partition("=")
-        overrides[key] = tomllib.loads(f"v = {value}")["v"]  # TOML values, as --run-config
+    if argv[:1] == ["--clients"]:
+        clients, argv = int(argv[1]), argv[2:]
+    overrides = parse_overrides(argv)
     run = train(RunConfig.from_run_config(overrides), clients)
     for h in run.history:
         aux = h["aux_test_accuracy"]

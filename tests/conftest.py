@@ -6,20 +6,13 @@ the end of the session; it gets its own FLWR_HOME and ports, so it never touches
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from flower_app.local_superlink import (  # noqa: F401  (BIN is re-exported for tests)
-    BIN,
-    OFFLINE_ENV,
-    LocalSuperLink,
-    free_port,
-    stop_process,
-)
+from flower_app.local_superlink import LocalSuperLink
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -65,22 +58,6 @@ def data_dir() -> str:
     pytest.skip(f"real CIFAR-10 not found in {[str(p) for p in CIFAR10_CANDIDATES]}")
 
 
-_free_port = free_port
-stop = stop_process
-
-
-def flower_env(home: Path, http_port: int, control_port: int) -> dict[str, str]:
-    return (
-        os.environ
-        | OFFLINE_ENV
-        | {
-            "FLWR_HOME": str(home),
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-        }
-    )
-
-
 class FlowerRunner:
     """`flwr run .` against the session's SuperLink; returns the log and the run directory."""
 
@@ -99,7 +76,3 @@ class FlowerRunner:
 def flwr_run(tmp_path_factory: pytest.TempPathFactory) -> FlowerRunner:
     with LocalSuperLink(tmp_path_factory.mktemp("flwr-home")) as link:
         yield FlowerRunner(link, tmp_path_factory.mktemp("runs"))
-
-
-def read_rounds(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]

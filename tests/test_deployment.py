@@ -37,17 +37,10 @@ import torch
 
 from flower_app import reference
 from flower_app.config import RunConfig
+from flower_app.local_superlink import BIN, flower_env, free_port, stop_process
+from flower_app.results import read_rounds
 from models import cut_shape
-from tests.conftest import (
-    BIN,
-    ROOT,
-    TINY,
-    _free_port,
-    data_dir,
-    flower_env,
-    read_rounds,
-    stop,
-)
+from tests.conftest import ROOT, TINY, data_dir
 
 CONNECTION = "local-deployment"
 NUM_NODES = 2
@@ -144,7 +137,7 @@ class Deployment:
 def _ports(n: int) -> list[int]:
     ports: list[int] = []
     while len(ports) < n:
-        if (port := _free_port()) not in ports:
+        if (port := free_port()) not in ports:
             ports.append(port)
     return ports
 
@@ -194,7 +187,7 @@ def _stop_all(procs: list[subprocess.Popen]) -> None:
     spawned = _descendants([p.pid for p in procs])
     for proc in reversed(procs):
         try:
-            stop(proc)
+            stop_process(proc)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + 5

@@ -8,8 +8,9 @@ from flwr.app import Array, Context, Message
 from flwr.clientapp import ClientApp
 
 from flower_app import client_app as real
+from flower_app.results import read_rounds
 from flower_app.simulation import simulate
-from tests.conftest import TINY, data_dir, read_rounds
+from tests.conftest import TINY, data_dir
 
 
 def faulty_client_app() -> ClientApp:

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from flower_app import reference
 from flower_app.client import SplitClient
 from flower_app.config import RunConfig
-from flower_app.results import CONTRACT_KEYS
+from flower_app.results import CONTRACT_KEYS, read_rounds
 from models import cut_shape, resnet
-from tests.conftest import TINY, data_dir, read_rounds
+from tests.conftest import TINY, data_dir
 
 
 @pytest.fixture(scope="module")
