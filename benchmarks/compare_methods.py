@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from flower_app import reference
-from flower_app.config import RunConfig, parse_overrides
 from flower_app.local_superlink import LocalSuperLink
 from flower_app.results import human_bytes, read_rounds
+from split_core.config import RunConfig, parse_overrides
 
 DEFAULTS = {"num-rounds": 2, "samples-per-client": 2000, "test-samples": 1000}
 

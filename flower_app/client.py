@@ -17,28 +17,26 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from flower_app.config import RunConfig
-from flower_app.data import augment, load_cifar, normalize, partition_indices, to_float
-from flower_app.metering import (
-    Clock,
+from models import cut_shape
+from split_core.compute import Compute
+from split_core.config import RunConfig
+from split_core.data import ClientImages, load_cifar, partition_indices
+from split_core.metering import (
     SavedTensorsMeter,
     cuda_peak_bytes,
     peak_rss_bytes,
     reset_cuda_peak,
     reset_peak_rss,
 )
-from flower_app.payload import (
+from split_core.methods import METHODS, ClientParts, client_modules
+from split_core.payload import (
     PayloadError,
     decode_gradient,
     encode_activations,
     encode_modules,
     load_modules,
 )
-from models import build_aux_head, cut_shape, split_resnet
-from strategies.methods import METHODS, ClientParts
-from strategies.steps import Phases, score
-
-AUX_SEED_OFFSET = 1  # the aux head gets its own seed so the ResNet init matches the unsplit one
+from split_core.steps import Phases, score
 
 
 @lru_cache(maxsize=8)
@@ -62,16 +60,6 @@ def split_test_set(
     return np.array_split(order, num_partitions)[partition_id]
 
 
-def client_modules(cfg: RunConfig) -> dict[str, torch.nn.Module | None]:
-    """The client's trainable parts as every party builds them from the seed."""
-    segment, _ = split_resnet(cfg.depth, cfg.cut, cfg.num_classes, cfg.seed)
-    aux = None
-    if METHODS[cfg.method].uses_aux_head:
-        shape = cut_shape(cfg.depth, cfg.cut)
-        aux = build_aux_head(cfg.aux_head, shape, cfg.num_classes, cfg.seed + AUX_SEED_OFFSET)
-    return {"segment": segment, "aux": aux}
-
-
 class SplitClient:
     def __init__(
         self,
@@ -86,24 +74,30 @@ class SplitClient:
         self.train_idx, self.test_idx, self.data_dir = train_idx, test_idx, data_dir
         self.data = load_cifar(cfg.dataset, data_dir)
         self.method = METHODS[cfg.method]()
-        self.device = cfg.resolve_device()
+        self.compute = Compute.create(cfg.resolve_device(), cfg.compute_dtype, cfg.channels_last)
+        self.train_images = ClientImages(
+            self.data.x_train, self.data.y_train, train_idx, cfg.dataset, self.compute
+        )
+        self.test_images = ClientImages(
+            self.data.x_test, self.data.y_test, test_idx, cfg.dataset, self.compute
+        )
         self.shape = cut_shape(cfg.depth, cfg.cut)
         self.modules = {
-            k: m.to(self.device) if m is not None else None for k, m in client_modules(cfg).items()
+            k: self.compute.module(m) if m is not None else None
+            for k, m in client_modules(cfg).items()
         }
         params = [p for m in self.modules.values() if m is not None for p in m.parameters()]
         optimizer = torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         self.parts = ClientParts(
-            self.modules["segment"], self.modules["aux"], optimizer, Clock(self.device)
+            self.modules["segment"], self.modules["aux"], optimizer, self.compute
         )
         self.meter = SavedTensorsMeter()
         self.version = 0
         self.epoch = self.cursor = self.eval_cursor = 0
         self.pending = -1  # CSL: batch whose activations await their gradient
         self._graph: torch.Tensor | None = None
-        self._checkpoint: tuple[ArrayRecord, ArrayRecord] | None = None
 
     # ----------------------------------------------------------------------------- set-up / state
     @classmethod
@@ -126,10 +120,15 @@ class SplitClient:
         return cls(cfg, partition_id, num_partitions, train_idx, test_idx, data_dir)
 
     def save(self, state: RecordDict) -> None:
-        """Write everything needed to continue into ``state``; bumps the version a cache checks."""
+        """Write everything needed to continue into ``state``; bumps the version a cache checks.
+
+        While a CSL batch awaits its gradient the weights saved are those after its forward: the
+        forward changed only BatchNorm's running statistics, which a rebuilt client keeps as
+        they are when it recomputes the graph (see ``_recompute``).
+        """
         self.version += 1
-        weights, optim = self._checkpoint if self.pending >= 0 else self._snapshot()
-        state["split.weights"], state["split.optim"] = weights, optim
+        state["split.weights"] = encode_modules(self.modules)
+        state["split.optim"] = self._momentum()
         state["split.meta"] = ConfigRecord(
             {
                 "version": self.version,
@@ -149,9 +148,9 @@ class SplitClient:
                 }
             )
             state["split.partition"] = ArrayRecord(
-                {
-                    "train": Array(self.train_idx.astype(np.int64)),
-                    "test": Array(self.test_idx.astype(np.int64)),
+                {  # CIFAR has 60,000 images: int32 indices halve what travels with each message
+                    "train": Array(self.train_idx.astype(np.int32)),
+                    "test": Array(self.test_idx.astype(np.int32)),
                 }
             )
 
@@ -165,31 +164,35 @@ class SplitClient:
         ids = (conf.pop("partition-id"), conf.pop("num-partitions"), conf.pop("node-data-dir"))
         cfg = RunConfig.from_run_config(conf)
         part = state["split.partition"]
-        client = cls(cfg, ids[0], ids[1], part["train"].numpy(), part["test"].numpy(), ids[2])
+        train, test = (part[k].numpy().astype(np.int64) for k in ("train", "test"))
+        client = cls(cfg, ids[0], ids[1], train, test, ids[2])
         load_modules(state["split.weights"], client.modules)
         optimizer, params = client.parts.optimizer, client._params()
         for key, array in state["split.optim"].items():
             optimizer.state[params[int(key)]]["momentum_buffer"] = torch.from_numpy(
                 array.numpy()
-            ).to(client.device)
+            ).to(client.compute.device)
         meta = state["split.meta"]
         client.version, client.epoch, client.cursor = meta["version"], meta["epoch"], meta["cursor"]
         client.pending, client.eval_cursor = meta["pending"], meta["eval-cursor"]
-        if client.pending >= 0:
-            client._checkpoint = (state["split.weights"], state["split.optim"])
         return client
+
+    def release(self) -> None:
+        """Drop what only this process holds (CSL's graph); ``context.state`` keeps the rest."""
+        self._graph = None
 
     def _params(self) -> list[torch.nn.Parameter]:
         return [p for g in self.parts.optimizer.param_groups for p in g["params"]]
 
-    def _snapshot(self) -> tuple[ArrayRecord, ArrayRecord]:
+    def _momentum(self) -> ArrayRecord:
         state = self.parts.optimizer.state
-        momentum = {
-            str(i): Array(state[p]["momentum_buffer"].detach().cpu().numpy())
-            for i, p in enumerate(self._params())
-            if state.get(p, {}).get("momentum_buffer") is not None
-        }
-        return encode_modules(self.modules), ArrayRecord(momentum)
+        return ArrayRecord(
+            {
+                str(i): Array(state[p]["momentum_buffer"].detach().contiguous().cpu().numpy())
+                for i, p in enumerate(self._params())
+                if state.get(p, {}).get("momentum_buffer") is not None
+            }
+        )
 
     # ----------------------------------------------------------------------------------- data
     @property
@@ -199,17 +202,12 @@ class SplitClient:
     def train_batch(self, epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
         order = epoch_order(len(self.train_idx), cfg.seed, self.partition_id, epoch)
-        idx = self.train_idx[order[batch * cfg.batch_size : (batch + 1) * cfg.batch_size]]
+        positions = order[batch * cfg.batch_size : (batch + 1) * cfg.batch_size]
         gen = batch_generator(cfg.seed, self.partition_id, epoch, batch)
-        x = normalize(augment(to_float(self.data.x_train[idx]), gen), cfg.dataset)
-        y = torch.from_numpy(np.asarray(self.data.y_train[idx], dtype=np.int64))
-        return x.to(self.device), y.to(self.device)
+        return self.train_images.batch(positions, gen)
 
     def test_batch(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.test_idx[start:stop]
-        x = normalize(to_float(self.data.x_test[idx]), self.cfg.dataset)
-        y = torch.from_numpy(np.asarray(self.data.y_test[idx], dtype=np.int64))
-        return x.to(self.device), y.to(self.device)
+        return self.test_images.batch(np.arange(start, stop))
 
     def _samples_per_message(self) -> int:
         itemsize = np.dtype(self.cfg.payload_dtype).itemsize
@@ -229,11 +227,12 @@ class SplitClient:
         if "arrays" in request:  # first message of a round: adopt the global model
             load_modules(request["arrays"], self.modules)
             self.epoch, self.cursor = int(conf["round"]) - 1, 0
-            self.pending, self._graph, self._checkpoint = -1, None, None
+            self.pending, self._graph = -1, None
         for group in self.parts.optimizer.param_groups:
             group["lr"] = float(conf["lr"])
+        recompute_s = -1.0
         if "grad" in request:
-            self._apply_gradient(request["grad"], phases)
+            recompute_s = self._apply_gradient(request["grad"], phases)
         elif self.pending >= 0:
             raise PayloadError(f"batch {self.pending} still waits for its gradient")
 
@@ -243,12 +242,10 @@ class SplitClient:
             td = time.perf_counter()
             x, y = self.train_batch(self.epoch, self.cursor)
             data_s += time.perf_counter() - td
-            if self.method.returns_gradient:  # state must describe the model before this forward
-                self._checkpoint, self.pending = self._snapshot(), self.cursor
             with self.meter.track():
                 out, result = self.method.client_batch(self.parts, x, y, phases)
             if self.method.returns_gradient:
-                self._graph = out
+                self._graph, self.pending = out, self.cursor
             if result is not None:
                 aux_loss += result.loss * len(y)
                 aux_correct += result.correct
@@ -263,6 +260,8 @@ class SplitClient:
             "aux-correct": aux_correct,
             "data-seconds": data_s,
             "seconds": time.perf_counter() - t0,
+            "recomputes": int(recompute_s >= 0),
+            "recompute-seconds": max(recompute_s, 0.0),
             "done": int(done),
         }
         reply = RecordDict({"metrics": MetricRecord(metrics | self._measurements(phases))})
@@ -275,17 +274,37 @@ class SplitClient:
             reply["metrics"]["epoch-examples"] = len(self.train_idx)
         return reply
 
-    def _apply_gradient(self, record: ArrayRecord, phases: Phases) -> None:
+    def _apply_gradient(self, record: ArrayRecord, phases: Phases) -> float:
+        """Back-propagate the server's gradient; returns the seconds spent recomputing (or -1)."""
         if self.pending < 0:
             raise PayloadError("received a gradient but no batch is waiting for one")
+        recompute_s = -1.0
         if self._graph is None:  # another process ran the forward: rebuild the same graph
-            x, y = self.train_batch(self.epoch, self.pending)
-            with self.meter.track():
-                self._graph, _ = self.method.client_batch(self.parts, x, y, phases)
+            t0 = time.perf_counter()
+            self._graph = self._recompute(self.pending, phases)
+            recompute_s = time.perf_counter() - t0
         grad = decode_gradient(record, self._graph)
         with self.meter.track():
             self.method.client_gradient(self.parts, self._graph, grad, phases)
-        self.pending, self._graph, self._checkpoint = -1, None, None
+        self.pending, self._graph = -1, None
+        return recompute_s
+
+    def _recompute(self, batch: int, phases: Phases) -> torch.Tensor:
+        """The forward graph of ``batch`` again, bit for bit, without a second BatchNorm update.
+
+        In training mode BatchNorm normalises with the batch's own statistics, so the output
+        does not depend on the running statistics; the saved state already holds the running
+        statistics after this batch's first forward, and they are put back afterwards.
+        """
+        x, y = self.train_batch(self.epoch, batch)
+        segment = self.modules["segment"]
+        saved = [b.detach().clone() for b in segment.buffers()]
+        with self.meter.track():
+            graph, _ = self.method.client_batch(self.parts, x, y, phases)
+        with torch.no_grad():
+            for before, live in zip(saved, segment.buffers(), strict=True):
+                live.copy_(before)
+        return graph
 
     @torch.no_grad()
     def evaluate(self, request: RecordDict) -> RecordDict:
@@ -302,12 +321,14 @@ class SplitClient:
         try:
             for start in range(self.eval_cursor, stop, self.cfg.batch_size):
                 x, y = self.test_batch(start, min(stop, start + self.cfg.batch_size))
-                t1 = self.parts.clock.now()
-                out = self.parts.segment(x)
-                if self.parts.aux_head is not None:
-                    result = score(self.parts.aux_head(out), y)
+                t1 = self.compute.now()
+                with self.compute.autocast():
+                    out = self.parts.segment(x)
+                    logits = None if self.parts.aux_head is None else self.parts.aux_head(out)
+                if logits is not None:
+                    result = score(logits, y)
                     aux_loss, aux_correct = aux_loss + result.loss, aux_correct + result.correct
-                phases.forward += self.parts.clock.now() - t1
+                phases.forward += self.compute.now() - t1
                 acts.append(out)
                 labels.append(y)
         finally:
@@ -334,7 +355,7 @@ class SplitClient:
     def _start_measuring(self) -> None:
         self.meter.reset_peak()
         reset_peak_rss()
-        reset_cuda_peak(self.device)
+        reset_cuda_peak(self.compute.device)
 
     def _measurements(self, phases: Phases) -> dict[str, float | int]:
         return {
@@ -343,5 +364,5 @@ class SplitClient:
             "peak-saved-bytes": self.meter.peak,
             "held-saved-bytes": self.meter.current,  # still held while the reply travels
             "peak-rss-bytes": peak_rss_bytes(),
-            "peak-cuda-bytes": cuda_peak_bytes(self.device),
+            "peak-cuda-bytes": cuda_peak_bytes(self.compute.device),
         }

@@ -15,15 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from flower_app.client import SplitClient
-from flower_app.config import RunConfig, parse_overrides
-from flower_app.metering import SavedTensorsMeter
-from flower_app.payload import decode_activations, encode_modules, load_modules
+from split_core.config import RunConfig, parse_overrides
+from split_core.metering import SavedTensorsMeter
+from split_core.payload import decode_activations, encode_modules, load_modules
+from split_core.steps import Phases
+from strategies.aggregation import FedAvg
+from strategies.exchange import Turns
 from strategies.server_segment import ServerSegment
-from strategies.split_strategy import fedavg
-from strategies.steps import Phases
 
 
 @dataclass
@@ -54,8 +55,8 @@ def train(cfg: RunConfig, num_clients: int = 1, rounds: int | None = None) -> Re
     return run
 
 
-def train_round(run: ReferenceRun, rnd: int, weights) -> Any:
-    """One pass over every client's data, in the strategy's order; then FedAvg."""
+def train_round(run: ReferenceRun, rnd: int, weights: ArrayRecord) -> ArrayRecord:
+    """One pass over every client's data in the strategy's turn order (``Turns``); then FedAvg."""
     cfg, server, meter = run.cfg, run.server, run.server.meter
     lr = cfg.lr_at(rnd)
     server.set_lr(lr)
@@ -69,27 +70,31 @@ def train_round(run: ReferenceRun, rnd: int, weights) -> Any:
         client.epoch = rnd - 1
         for group in client.parts.optimizer.param_groups:
             group["lr"] = lr
-    per_message = run.clients[0].batches_per_message()
-    for first in range(0, max(c.num_batches for c in run.clients), per_message):
-        for client in run.clients:  # the strategy's turn order: one message per client per turn
-            for batch in range(first, min(first + per_message, client.num_batches)):
-                x, y = client.train_batch(rnd - 1, batch)
-                method = client.method
-                with meter.track():
-                    acts, aux = method.client_batch(client.parts, x, y, client_phases)
-                    result, grad = server.train_on(
-                        acts, y, server_phases, input_grad=method.returns_gradient
-                    )
-                    if grad is not None:
-                        method.client_gradient(client.parts, acts, grad, client_phases)
-                del acts
-                loss += result.loss
-                aux_loss += aux.loss * len(y) if aux is not None else 0.0
-                examples += len(y)
-    new_weights = fedavg(
-        [encode_modules(c.modules) for c in run.clients],
-        [float(len(c.train_idx)) for c in run.clients],
-    )
+    replies = [_replies(client) for client in run.clients]
+    sent = [0] * len(run.clients)
+    turns, fedavg = Turns(list(range(len(run.clients))), cfg.max_active_clients), FedAvg(weights)
+    while (i := turns.current()) is not None:
+        client = run.clients[i]
+        for batch in replies[i][sent[i]]:
+            x, y = client.train_batch(rnd - 1, batch)
+            method = client.method
+            with meter.track():
+                acts, aux = method.client_batch(client.parts, x, y, client_phases)
+                result, grad = server.train_on(
+                    acts, y, server_phases, input_grad=method.returns_gradient
+                )
+                if grad is not None:
+                    method.client_gradient(client.parts, acts, grad, client_phases)
+            del acts
+            loss += result.loss
+            aux_loss += aux.loss * len(y) if aux is not None else 0.0
+            examples += len(y)
+        sent[i] += 1
+        finished = sent[i] == len(replies[i])
+        if finished:  # the strategy adds each client as its final reply is consumed
+            arrays = {k: a.numpy() for k, a in encode_modules(client.modules).items()}
+            fedavg.add(arrays, len(client.train_idx))
+        turns.advance(finished)
     run.history.append(
         {
             "round": rnd,
@@ -103,7 +108,17 @@ def train_round(run: ReferenceRun, rnd: int, weights) -> Any:
             "combined_peak_saved_bytes": meter.peak,
         }
     )
-    return new_weights
+    return fedavg.result()
+
+
+def _replies(client: SplitClient) -> list[range]:
+    """The batches each of the client's training replies carries, as the ClientApp sends them:
+    DSL packs several per reply; CSL one, and its last reply (after the last gradient) none."""
+    per_message, n = client.batches_per_message(), client.num_batches
+    chunks = [range(s, min(s + per_message, n)) for s in range(0, n, per_message)]
+    if client.method.returns_gradient or not chunks:
+        chunks.append(range(0))
+    return chunks
 
 
 def evaluate(run: ReferenceRun, weights) -> dict[str, float | None]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from flower_app.config import RunConfig
+from split_core.config import RunConfig
 
 log = logging.getLogger("flwr").getChild("split")
 

@@ -10,9 +10,9 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from flower_app.config import RunConfig
 from flower_app.results import ResultsWriter, summary_table
 from models import cut_shape
+from split_core.config import RunConfig
 from strategies.split_strategy import SplitLearningStrategy
 
 app = ServerApp()
@@ -24,9 +24,11 @@ def main(grid: Grid, context: Context) -> None:
     run(grid, RunConfig.from_run_config(context.run_config))
 
 
-def run(grid: Grid, cfg: RunConfig) -> SplitLearningStrategy:
+def run(
+    grid: Grid, cfg: RunConfig, strategy_class: type[SplitLearningStrategy] = SplitLearningStrategy
+) -> SplitLearningStrategy:
     """Everything a run does, for any Grid; the config is already valid when this starts."""
-    strategy = SplitLearningStrategy(cfg)
+    strategy = strategy_class(cfg)
     clients = strategy.connect(grid)
     torch.set_num_threads(cfg.torch_threads(cfg.server_threads, len(clients)))
     writer = ResultsWriter(cfg, len(clients))
@@ -36,6 +38,7 @@ def run(grid: Grid, cfg: RunConfig) -> SplitLearningStrategy:
             "clients": [vars(c) for c in clients],
             "cut_shape": list(cut_shape(cfg.depth, cfg.cut)),
             "device": str(strategy.server.device),
+            "setup_failures": {str(k): v for k, v in strategy.setup_failures.items()},
             "versions": {
                 "flwr": flwr.__version__,
                 "torch": torch.__version__,
@@ -48,7 +51,7 @@ def run(grid: Grid, cfg: RunConfig) -> SplitLearningStrategy:
     writer.write_model(
         {
             "client": _state_dict(result.arrays),
-            "server_segment": strategy.server.segment.state_dict(),
+            "server_segment": strategy.server.state_dict(),
         }
     )
     log.info("summary of %s\n%s", writer.run_dir, summary_table(strategy.history))

@@ -18,17 +18,21 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from flower_app import client_app as split_client_app
-from flower_app.config import RunConfig
 from flower_app.results import default_run_name
 from flower_app.server_app import run
+from split_core.config import RunConfig
+from strategies.split_strategy import SplitLearningStrategy
 
 
-def server_app_for(overrides: Mapping[str, Any]) -> ServerApp:
+def server_app_for(
+    overrides: Mapping[str, Any], strategy: type[SplitLearningStrategy] = SplitLearningStrategy
+) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run(grid, RunConfig.from_run_config(dict(context.run_config) | dict(overrides)))
+        cfg = RunConfig.from_run_config(dict(context.run_config) | dict(overrides))
+        run(grid, cfg, strategy)
 
     return app
 
@@ -38,16 +42,24 @@ def simulate(
     num_clients: int = 2,
     *,
     client_app: ClientApp | None = None,
+    strategy: type[SplitLearningStrategy] = SplitLearningStrategy,
     cpus_per_client: float = 2.0,
+    gpus_per_client: float = 0.0,
 ) -> Path:
-    """Run one simulation to the end and return its results directory."""
+    """Run one simulation to the end and return its results directory.
+
+    ``cpus_per_client`` and ``gpus_per_client`` are Ray's resources per ClientApp actor, as
+    ``--federation-config "client-resources-num-cpus=.. client-resources-num-gpus=.."`` gives
+    them to `flwr run`: the number of actors is what the machine holds of them.
+    """
     cfg = RunConfig.from_run_config(overrides)  # fail here, before Ray starts
     name = cfg.run_name or default_run_name(cfg, num_clients)
+    resources = {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client}
     run_simulation(
-        server_app=server_app_for(dict(overrides or {}) | {"run-name": name}),
+        server_app=server_app_for(dict(overrides or {}) | {"run-name": name}, strategy),
         client_app=client_app or split_client_app.app,
         num_supernodes=num_clients,
-        backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}},
+        backend_config={"client_resources": resources},
     )
     logging.getLogger("flwr").setLevel(logging.INFO)
     return (Path(cfg.output_dir).expanduser() / name).resolve()

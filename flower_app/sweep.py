@@ -29,9 +29,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from flower_app.config import RunConfig
 from flower_app.local_superlink import LocalSuperLink
 from flower_app.results import read_rounds
+from split_core.config import RunConfig
 
 log = logging.getLogger(__name__)
 _LINK: LocalSuperLink | None = None

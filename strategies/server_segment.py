@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import torch
 
-from flower_app.config import RunConfig
-from flower_app.metering import Clock, SavedTensorsMeter
 from models import split_resnet
-from strategies.steps import Phases, StepResult, score, server_step
+from split_core.compute import Compute
+from split_core.config import RunConfig
+from split_core.metering import SavedTensorsMeter
+from split_core.steps import Phases, StepResult, score, server_step
 
 
 class ServerSegment:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.device = cfg.resolve_device()
+        self.compute = Compute.create(cfg.resolve_device(), cfg.compute_dtype, cfg.channels_last)
+        self.device = self.compute.device
         _, segment = split_resnet(cfg.depth, cfg.cut, cfg.num_classes, cfg.seed)
-        self.segment = segment.to(self.device)
+        self.segment = self.compute.module(segment)
         self.optimizer = torch.optim.SGD(
             self.segment.parameters(),
             lr=cfg.lr,
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
         )
-        self.clock = Clock(self.device)
         self.meter = SavedTensorsMeter()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The segment's weights as CPU tensors (checkpoints and model.pt load anywhere)."""
+        return {k: v.detach().cpu() for k, v in self.segment.state_dict().items()}
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -38,13 +43,11 @@ class ServerSegment:
         """
         total, grads = StepResult(0.0, 0), []
         for start in range(0, len(labels), self.cfg.batch_size):
-            x, y = (
-                acts[start : start + self.cfg.batch_size],
-                labels[start : start + self.cfg.batch_size],
-            )
+            x = self.compute.tensor(acts[start : start + self.cfg.batch_size])
+            y = labels[start : start + self.cfg.batch_size]
             with self.meter.track():
                 result, grad = server_step(
-                    self.segment, self.optimizer, x, y, self.clock, phases, input_grad=input_grad
+                    self.segment, self.optimizer, x, y, self.compute, phases, input_grad=input_grad
                 )
             total = StepResult(total.loss + result.loss * len(y), total.correct + result.correct)
             if grad is not None:
@@ -55,13 +58,15 @@ class ServerSegment:
     def evaluate_on(self, acts: torch.Tensor, labels: torch.Tensor, phases: Phases) -> StepResult:
         self.segment.eval()
         try:
-            t0 = self.clock.now()
+            t0 = self.compute.now()
             total = StepResult(0.0, 0)
             for start in range(0, len(labels), self.cfg.batch_size):
                 part = slice(start, start + self.cfg.batch_size)
-                result = score(self.segment(acts[part]), labels[part])
+                with self.compute.autocast():
+                    logits = self.segment(self.compute.tensor(acts[part]))
+                result = score(logits, labels[part])
                 total = StepResult(total.loss + result.loss, total.correct + result.correct)
-            phases.forward += self.clock.now() - t0
+            phases.forward += self.compute.now() - t0
             return total
         finally:
             self.segment.train()

@@ -65,10 +65,17 @@ class FlowerRunner:
         self.link, self.out = link, out
 
     def __call__(
-        self, name: str, config: dict, clients: int = 2, timeout: float = 600
+        self,
+        name: str,
+        config: dict,
+        clients: int = 2,
+        timeout: float = 600,
+        cpus_per_client: float | None = None,
     ) -> tuple[str, Path]:
         overrides = {"output-dir": str(self.out), "run-name": name, "data-dir": data_dir()} | config
-        result = self.link.run(overrides, clients=clients, timeout=timeout)
+        result = self.link.run(
+            overrides, clients=clients, timeout=timeout, cpus_per_client=cpus_per_client
+        )
         return result.log, result.run_dir
 
 

@@ -17,16 +17,16 @@ import torch.nn.functional as F
 from flwr.app import ConfigRecord, RecordDict
 
 from flower_app.client import SplitClient
-from flower_app.config import RunConfig
-from flower_app.payload import (
+from models import cut_shape
+from split_core.config import RunConfig
+from split_core.payload import (
     PayloadError,
     decode_activations,
     encode_gradient,
     encode_modules,
 )
-from models import cut_shape
+from split_core.steps import Phases
 from strategies.server_segment import ServerSegment
-from strategies.steps import Phases
 from tests.conftest import TINY, data_dir
 
 BATCH = 32
@@ -125,9 +125,9 @@ def _snapshot_modules(client: SplitClient) -> dict[str, torch.Tensor]:
 def test_csl_recomputed_graph_equals_live_graph() -> None:
     """A CSL client rebuilt from state (no autograd graph) must redo the forward exactly.
 
-    A diverges from B if the checkpoint describes the model after instead of before the
-    pending forward, if the batch (order or augmentation) is not reproducible, or if BatchNorm
-    statistics or momentum are lost on the way through the RecordDict.
+    A diverges from B if the recomputed forward moves BatchNorm's running statistics a second
+    time, if the batch (order or augmentation) is not reproducible, or if BatchNorm statistics
+    or momentum are lost on the way through the RecordDict.
     """
     cfg = _cfg("csl")
     a = SplitClient.create(cfg, 0, 1, cfg.data_dir)
@@ -151,6 +151,8 @@ def test_csl_recomputed_graph_equals_live_graph() -> None:
 
     live_before = _snapshot_modules(a)
     reply_a, reply_b = a.train(_grad_request(grad)), b.train(_grad_request(grad))
+    assert (reply_a["metrics"]["recomputes"], reply_b["metrics"]["recomputes"]) == (0, 1)
+    assert reply_b["metrics"]["recompute-seconds"] > 0 == reply_a["metrics"]["recompute-seconds"]
     _assert_same_reply(reply_a, reply_b)
     _assert_same_client(a, b)
     assert any(not torch.equal(live_before[k], v) for k, v in _snapshot_modules(a).items())
@@ -248,7 +250,7 @@ def test_next_round_adopts_the_global_model() -> None:
     with torch.no_grad():
         x, y = ref.train_batch(1, 0)
         expected = ref.modules["segment"](x)
-    acts, labels = decode_activations(reply_a["acts"], ref.shape, 10, ref.device)
+    acts, labels = decode_activations(reply_a["acts"], ref.shape, 10, ref.compute.device)
     assert torch.equal(acts[:BATCH], expected)
     assert torch.equal(labels[:BATCH], y)
 
@@ -353,7 +355,7 @@ def test_evaluate_covers_the_test_split(method: str) -> None:
         x, y = client.test_batch(16, 32)
         expected = segment(x)
     segment.train()
-    got, labels = decode_activations(replies[1]["acts"], client.shape, 10, client.device)
+    got, labels = decode_activations(replies[1]["acts"], client.shape, 10, client.compute.device)
     assert torch.equal(got, expected)
     assert torch.equal(labels, y)
     all_labels = np.concatenate([r["acts"]["labels"].numpy() for r in replies])

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from flower_app.config import RunConfig
+from split_core.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

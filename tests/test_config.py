@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flower_app.config import ConfigError, RunConfig
+from split_core.config import ConfigError, RunConfig
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

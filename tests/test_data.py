@@ -1,4 +1,4 @@
-"""Tests for flower_app.data: real files written to tmp_path, no mocks."""
+"""Tests for split_core.data: real files written to tmp_path, no mocks."""
 
 import io
 import os
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from flower_app import data
-from flower_app.data import (
+from split_core import data
+from split_core.data import (
     CIFAR10_CLASSES,
     DataNotFoundError,
     augment,

@@ -36,10 +36,10 @@ import pytest
 import torch
 
 from flower_app import reference
-from flower_app.config import RunConfig
 from flower_app.local_superlink import BIN, flower_env, free_port, stop_process
 from flower_app.results import read_rounds
 from models import cut_shape
+from split_core.config import RunConfig
 from tests.conftest import ROOT, TINY, data_dir
 
 CONNECTION = "local-deployment"

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from flower_app import reference
 from flower_app.client import SplitClient
-from flower_app.config import RunConfig
 from flower_app.results import CONTRACT_KEYS, read_rounds
 from models import cut_shape, resnet
+from split_core.config import RunConfig
 from tests.conftest import TINY, data_dir
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from flower_app.metering import SavedTensorsMeter, peak_rss_bytes, reset_peak_rss
+from split_core.metering import SavedTensorsMeter, peak_rss_bytes, reset_peak_rss
 
 
 def _net() -> nn.Module:

@@ -1,4 +1,4 @@
-"""Tests for flower_app.payload and fedavg: exact byte counts, exact round trips, strict checks."""
+"""Tests for split_core.payload and FedAvg: exact byte counts, exact round trips, strict checks."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from flower_app.config import RunConfig
-from flower_app.payload import (
+from models import build_aux_head, cut_shape, split_resnet
+from split_core.config import RunConfig
+from split_core.payload import (
     PayloadError,
     array_bytes,
+    check_weights,
     decode_activations,
     decode_gradient,
     encode_activations,
@@ -21,9 +23,8 @@ from flower_app.payload import (
     load_modules,
     record_bytes,
 )
-from models import build_aux_head, cut_shape, split_resnet
-from strategies.split_strategy import fedavg
-from strategies.steps import Phases
+from split_core.steps import Phases
+from strategies.aggregation import FedAvg
 
 CPU = torch.device("cpu")
 SHAPE = (16, 32, 32)
@@ -370,8 +371,12 @@ def test_load_modules_needs_the_aux_head_for_dsl() -> None:
 
 
 # ----------------------------------------------------------------------------------- fedavg
-def _arrays(w: np.ndarray, steps: int) -> ArrayRecord:
-    return ArrayRecord({"w": Array(w), "num_batches_tracked": Array(np.array(steps, np.int64))})
+def _arrays(w: np.ndarray, steps: int) -> dict[str, np.ndarray]:
+    return {"w": w, "num_batches_tracked": np.array(steps, np.int64)}
+
+
+def _global(**arrays: np.ndarray) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
 def test_fedavg_weighted_mean() -> None:
@@ -379,54 +384,67 @@ def test_fedavg_weighted_mean() -> None:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((5, 7), dtype=np.float32)
     b = rng.standard_normal((5, 7), dtype=np.float32)
-    out = fedavg([_arrays(a, 3), _arrays(b, 9)], [1.0, 3.0])
+    acc = FedAvg(_global(w=a, num_batches_tracked=np.array(0, np.int64)))
+    acc.add(_arrays(a, 3), 1.0)
+    acc.add(_arrays(b, 9), 3.0)
+    out = acc.result()
     expected = (0.25 * a.astype(np.float64) + 0.75 * b.astype(np.float64)).astype(np.float32)
     got = out["w"].numpy()
     assert got.dtype == np.float32
     assert np.array_equal(got, expected)
     assert out["num_batches_tracked"].numpy() == 9  # a counter takes the max, not the mean
     assert out["num_batches_tracked"].numpy().dtype == np.int64
+    assert (acc.clients, acc.total) == (2, 4.0)
 
 
 def test_fedavg_keeps_float16() -> None:
     a, b = np.full(3, 1.0, np.float16), np.full(3, 2.0, np.float16)
-    out = fedavg([ArrayRecord({"w": Array(a)}), ArrayRecord({"w": Array(b)})], [1.0, 1.0])
-    assert out["w"].numpy().dtype == np.float16
-    assert out["w"].numpy().tolist() == [1.5, 1.5, 1.5]
+    acc = FedAvg(_global(w=a))
+    acc.add({"w": a}, 1.0)
+    acc.add({"w": b}, 1.0)
+    assert acc.result()["w"].numpy().dtype == np.float16
+    assert acc.result()["w"].numpy().tolist() == [1.5, 1.5, 1.5]
 
 
 def test_fedavg_integer_takes_max() -> None:
-    a = ArrayRecord({"n": Array(np.array(4, np.int64))})
-    b = ArrayRecord({"n": Array(np.array(11, np.int64))})
-    c = ArrayRecord({"n": Array(np.array(7, np.int64))})
-    assert fedavg([a, b, c], [100.0, 1.0, 50.0])["n"].numpy() == 11
+    acc = FedAvg(_global(n=np.array(0, np.int64)))
+    for n, weight in ((4, 100.0), (11, 1.0), (7, 50.0)):
+        acc.add({"n": np.array(n, np.int64)}, weight)
+    assert acc.result()["n"].numpy() == 11
 
 
-def test_fedavg_zero_weights_give_equal_shares() -> None:
-    """Clients that saw no example still produce a model: the plain mean."""
-    a, b = np.array([1.0, 2.0], np.float32), np.array([3.0, 6.0], np.float32)
-    out = fedavg([ArrayRecord({"w": Array(a)}), ArrayRecord({"w": Array(b)})], [0.0, 0.0])
-    assert out["w"].numpy().tolist() == [2.0, 4.0]
+def test_fedavg_zero_weights_keep_the_global_model() -> None:
+    """Clients that saw no example did not train: the global model stays as it was."""
+    start = np.array([5.0, 7.0], np.float32)
+    acc = FedAvg(_global(w=start))
+    acc.add({"w": np.array([1.0, 2.0], np.float32)}, 0.0)
+    acc.add({"w": np.array([3.0, 6.0], np.float32)}, 0.0)
+    assert acc.result()["w"].numpy().tolist() == [5.0, 7.0]
+
+
+def test_fedavg_without_clients_is_none() -> None:
+    assert FedAvg(_global(w=np.zeros(2, np.float32))).result() is None
 
 
 def test_fedavg_single_client_is_identity() -> None:
     a = np.random.default_rng(1).standard_normal(10, dtype=np.float32)
-    assert np.array_equal(fedavg([ArrayRecord({"w": Array(a)})], [37.0])["w"].numpy(), a)
+    acc = FedAvg(_global(w=np.zeros(10, np.float32)))
+    acc.add({"w": a}, 37.0)
+    assert np.array_equal(acc.result()["w"].numpy(), a)
 
 
-def test_fedavg_shape_mismatch() -> None:
-    a = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32))})
-    b = ArrayRecord({"w": Array(np.zeros((3, 2), np.float32))})
+def test_client_weights_of_the_wrong_shape_are_rejected() -> None:
+    like = _global(w=np.zeros((2, 3), np.float32))
     with pytest.raises(PayloadError) as info:
-        fedavg([a, b], [1.0, 1.0])
-    assert str(info.value) == "client weights 'w' disagree in shape"
+        check_weights(_global(w=np.zeros((3, 2), np.float32)), like)
+    assert str(info.value) == "client weight 'w' is float32[3, 2], expected float32[2, 3]"
 
 
 @pytest.mark.parametrize("extra_in", [0, 1])
-def test_fedavg_key_mismatch(extra_in: int) -> None:
-    """Clients that disagree on which weights exist are rejected, whichever client has more."""
-    records = [ArrayRecord({"w": Array(np.zeros(2, np.float32))}) for _ in range(2)]
+def test_client_weights_with_other_keys_are_rejected(extra_in: int) -> None:
+    """Clients that disagree on which weights exist are rejected, whichever side has more."""
+    records = [_global(w=np.zeros(2, np.float32)) for _ in range(2)]
     records[extra_in]["v"] = Array(np.ones(2, np.float32))
     with pytest.raises(PayloadError) as info:
-        fedavg(records, [1.0, 1.0])
-    assert str(info.value) == "client weights disagree in their keys: ['v']"
+        check_weights(records[0], records[1])
+    assert str(info.value) == "client weights disagree with the global model in keys ['v']"

@@ -1,10 +1,9 @@
-"""Measured (never estimated) memory and time: bytes held for backward, peak RSS, step clocks."""
+"""Measured (never estimated) memory: bytes held for backward, peak RSS, peak CUDA memory."""
 
 from __future__ import annotations
 
 import re
 import resource
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,15 +105,3 @@ def reset_cuda_peak(device: torch.device) -> None:
 
 def cuda_peak_bytes(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-
-
-class Clock:
-    """Wall-clock seconds that wait for the device, so GPU time is not booked to the wrong phase."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
-from flower_app.metering import Clock
-from strategies.steps import Phases, StepResult, client_aux_step, client_backward, client_forward
+from models import build_aux_head, cut_shape, split_resnet
+from split_core.compute import Compute
+from split_core.steps import Phases, StepResult, client_aux_step, client_backward, client_forward
+
+if TYPE_CHECKING:
+    from split_core.config import RunConfig
+
+AUX_SEED_OFFSET = 1  # the aux head gets its own seed so the ResNet init matches the unsplit one
 
 
 @dataclass
@@ -23,7 +29,7 @@ class ClientParts:
     segment: nn.Module
     aux_head: nn.Module | None
     optimizer: torch.optim.Optimizer
-    clock: Clock
+    compute: Compute
 
 
 class SplitMethod(ABC):
@@ -53,7 +59,7 @@ class DSL(SplitMethod):
     def client_batch(self, parts, x, y, phases):
         assert parts.aux_head is not None
         return client_aux_step(
-            parts.segment, parts.aux_head, parts.optimizer, x, y, parts.clock, phases
+            parts.segment, parts.aux_head, parts.optimizer, x, y, parts.compute, phases
         )
 
 
@@ -65,10 +71,20 @@ class CSL(SplitMethod):
     uses_aux_head = False
 
     def client_batch(self, parts, x, y, phases):
-        return client_forward(parts.segment, x, parts.clock, phases), None
+        return client_forward(parts.segment, x, parts.compute, phases), None
 
     def client_gradient(self, parts, acts, grad, phases):
-        client_backward(acts, grad, parts.optimizer, parts.clock, phases)
+        client_backward(acts, grad, parts.optimizer, parts.compute, phases)
 
 
 METHODS: dict[str, type[SplitMethod]] = {m.name: m for m in (DSL, CSL)}
+
+
+def client_modules(cfg: RunConfig) -> dict[str, nn.Module | None]:
+    """The client's trainable parts as every party builds them from the seed (on the CPU)."""
+    segment, _ = split_resnet(cfg.depth, cfg.cut, cfg.num_classes, cfg.seed)
+    aux = None
+    if METHODS[cfg.method].uses_aux_head:
+        shape = cut_shape(cfg.depth, cfg.cut)
+        aux = build_aux_head(cfg.aux_head, shape, cfg.num_classes, cfg.seed + AUX_SEED_OFFSET)
+    return {"segment": segment, "aux": aux}

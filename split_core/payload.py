@@ -25,11 +25,14 @@ class PayloadError(ValueError):
 def array_bytes(array: Array) -> int:
     """Bytes of array data in one serialized Array (the .npy header is not payload)."""
     buf = io.BytesIO(array.data)
-    version = np.lib.format.read_magic(buf)
-    if version == (1, 0):
-        np.lib.format.read_array_header_1_0(buf)
-    else:
-        np.lib.format.read_array_header_2_0(buf)
+    try:
+        version = np.lib.format.read_magic(buf)
+        if version == (1, 0):
+            np.lib.format.read_array_header_1_0(buf)
+        else:
+            np.lib.format.read_array_header_2_0(buf)
+    except Exception as exc:  # garbage or truncated bytes from a client
+        raise PayloadError(f"an array is not a valid .npy blob: {exc}") from exc
     return len(array.data) - buf.tell()
 
 
@@ -42,7 +45,7 @@ def encode_activations(acts: torch.Tensor, labels: torch.Tensor, wire_dtype: str
     y = labels.cpu().numpy()
     return ArrayRecord(
         {
-            "acts": Array(acts.detach().cpu().numpy().astype(WIRE_DTYPES[wire_dtype], copy=False)),
+            "acts": Array(_to_numpy(acts, wire_dtype)),
             "labels": Array(
                 y.astype(np.uint8 if y.size == 0 or 0 <= y.min() <= y.max() < 256 else np.int64)
             ),
@@ -85,7 +88,12 @@ def decode_activations(
 
 
 def encode_gradient(grad: torch.Tensor, wire_dtype: str) -> ArrayRecord:
-    return ArrayRecord({"grad": Array(grad.detach().cpu().numpy().astype(WIRE_DTYPES[wire_dtype]))})
+    return ArrayRecord({"grad": Array(_to_numpy(grad, wire_dtype))})
+
+
+def _to_numpy(t: torch.Tensor, wire_dtype: str) -> np.ndarray:
+    """Cast on the device (float16 crosses the bus at half the bytes); C order on the wire."""
+    return t.detach().to(getattr(torch, wire_dtype)).contiguous().cpu().numpy()
 
 
 def decode_gradient(record: ArrayRecord, like: torch.Tensor) -> torch.Tensor:
@@ -105,7 +113,7 @@ def encode_modules(modules: Mapping[str, nn.Module | None]) -> ArrayRecord:
     """Weights and buffers of several modules in one record, keys prefixed by module name."""
     return ArrayRecord(
         {
-            f"{prefix}.{key}": Array(t.detach().cpu().numpy())
+            f"{prefix}.{key}": Array(t.detach().contiguous().cpu().numpy())
             for prefix, module in modules.items()
             if module is not None
             for key, t in module.state_dict().items()
@@ -124,13 +132,15 @@ def load_modules(record: ArrayRecord, modules: Mapping[str, nn.Module | None]) -
         module.load_state_dict(state, strict=True)
 
 
-def check_weights(record: ArrayRecord | None, like: ArrayRecord) -> None:
-    """A client's returned weights must match the global ones key for key, shape and dtype."""
-    if record is None:
+def check_weights(record: ArrayRecord | None, like: ArrayRecord) -> dict[str, np.ndarray]:
+    """A client's returned weights, decoded; they must match the global ones key for key,
+    shape and dtype, and be finite."""
+    if not isinstance(record, ArrayRecord):
         raise PayloadError("final reply carries no client weights")
     if set(record.keys()) != set(like.keys()):
         diff = sorted(set(record.keys()).symmetric_difference(like.keys()))
         raise PayloadError(f"client weights disagree with the global model in keys {diff}")
+    decoded = {}
     for key, ref in like.items():
         got = _load(record, key)
         if got.shape != tuple(ref.shape) or str(got.dtype) != ref.dtype:
@@ -140,6 +150,8 @@ def check_weights(record: ArrayRecord | None, like: ArrayRecord) -> None:
             )
         if got.dtype.kind == "f" and not np.isfinite(got).all():
             raise PayloadError(f"client weight {key!r} contains NaN or infinite values")
+        decoded[key] = got
+    return decoded
 
 
 def _load(record: ArrayRecord, key: str) -> np.ndarray:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from split_core.compute import Compute
+
 DATASETS: dict[str, int] = {"cifar10": 10, "cifar100": 100}
 
 CIFAR10_CLASSES = (
@@ -398,3 +400,52 @@ def normalize(x: torch.Tensor, dataset: str) -> torch.Tensor:
         torch.tensor(v, dtype=x.dtype, device=x.device)[:, None, None] for v in _MEAN_STD[dataset]
     )
     return (x - mean) / std
+
+
+class ClientImages:
+    """One client's images as batches of normalised float tensors on its compute device.
+
+    On a GPU the partition's uint8 images are uploaded once and whole batches are cropped,
+    flipped and normalised there, so nothing per batch crosses the bus but a few random numbers.
+    On the CPU the rows are gathered from the memory-mapped cache per batch instead: a client
+    that is rebuilt for one message (every message, in deployment) copies only what it uses.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        idx: np.ndarray,
+        dataset: str,
+        compute: Compute,
+        resident: bool | None = None,
+    ) -> None:
+        self.images, self.labels, self.idx = images, labels, idx
+        self.dataset, self.compute = dataset, compute
+        self.resident = compute.device.type != "cpu" if resident is None else resident
+        self._on_device: torch.Tensor | None = None
+        self._labels_on_device: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def batch(
+        self, positions: np.ndarray, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``idx[positions]``, augmented with ``generator``'s draws when one is given."""
+        if not self.resident:
+            rows = self.idx[positions]
+            x = to_float(self.images[rows])
+            y = torch.from_numpy(np.asarray(self.labels[rows], dtype=np.int64))
+        else:
+            if self._on_device is None:
+                device = self.compute.device
+                self._on_device = torch.from_numpy(np.ascontiguousarray(self.images[self.idx]))
+                self._on_device = self._on_device.to(device)
+                labels = np.asarray(self.labels[self.idx], dtype=np.int64)
+                self._labels_on_device = torch.from_numpy(labels).to(device)
+            where = torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(self.compute.device)
+            x, y = to_float(self._on_device[where]), self._labels_on_device[where]
+        if generator is not None:
+            x = augment(x, generator)
+        return self.compute.tensor(normalize(x, self.dataset)), y

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from models import AUX_HEADS, check_cut
-from strategies.methods import METHODS
+from split_core.compute import COMPUTE_DTYPES
+from split_core.data import DATASETS
+from split_core.methods import METHODS
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
-DATASETS = {"cifar10": 10, "cifar100": 100}
 PARTITIONS = ("iid", "dirichlet")
 LR_SCHEDULES = ("constant", "step")
 PAYLOAD_DTYPES = ("float32", "float16")
@@ -61,10 +62,16 @@ class RunConfig:
     seed: int
     chunk_mib: float
     payload_dtype: str
+    compute_dtype: str
+    channels_last: bool
     device: str
     client_threads: int
     server_threads: int
+    live_clients: int
+    max_active_clients: int
+    max_queued_chunks: int
     min_clients: int
+    progress_seconds: float
     output_dir: str
     run_name: str
 
@@ -113,7 +120,21 @@ class RunConfig:
             (self.samples_per_client >= 0, "samples-per-client must be >= 0 (0 = all)"),
             (self.test_samples >= 0, "test-samples must be >= 0 (0 = all)"),
             (self.chunk_mib > 0, f"chunk-mib must be > 0, got {self.chunk_mib}"),
+            (
+                self.compute_dtype in COMPUTE_DTYPES,
+                f"compute-dtype {self.compute_dtype!r} not in {tuple(COMPUTE_DTYPES)}",
+            ),
             (self.client_threads >= 0 and self.server_threads >= 0, "threads must be >= 0"),
+            (self.live_clients >= 1, f"live-clients must be >= 1, got {self.live_clients}"),
+            (
+                self.max_active_clients >= 1,
+                f"max-active-clients must be >= 1, got {self.max_active_clients}",
+            ),
+            (
+                self.max_queued_chunks >= 1,
+                f"max-queued-chunks must be >= 1, got {self.max_queued_chunks}",
+            ),
+            (self.progress_seconds >= 0, "progress-seconds must be >= 0 (0 = no progress log)"),
             (self.min_clients >= 1, f"min-clients must be >= 1, got {self.min_clients}"),
             (bool(self.output_dir), "output-dir must not be empty"),
         ]
@@ -147,18 +168,20 @@ class RunConfig:
         done = (server_round - 1) / self.num_rounds
         return self.lr * (0.1 ** ((done >= 0.5) + (done >= 0.75)))
 
-    def torch_threads(self, requested: int, num_clients: int) -> int:
+    def torch_threads(self, requested: int, num_clients: int, cpus: float | None = None) -> int:
         """Threads for one party; 0 = auto from measurements on 2 cores (see README).
 
         Client and server compute at the same time in DSL (pipelined chunks) and in CSL with
         several clients, and then each is fastest with half the cores; CSL with one client
-        alternates strictly, so each side may use them all.
+        alternates strictly, so each side may use them all. ``cpus`` is what the party was
+        given (a Ray actor's CPUs in simulation): auto never uses more than that.
         """
         if requested:
             return requested
         cores = os.cpu_count() or 1
         alone = METHODS[self.method].returns_gradient and num_clients == 1
-        return cores if alone else max(1, cores // 2)
+        threads = cores if alone else max(1, cores // 2)
+        return max(1, min(threads, int(cpus))) if cpus else threads
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -190,5 +213,7 @@ def _coerce(value: Any, type_name: str) -> Any:
     if type_name == "int" and isinstance(value, float) and value.is_integer():
         return int(value)
     if type_name == "str" and isinstance(value, str):
+        return value
+    if type_name == "bool" and isinstance(value, bool):
         return value
     raise TypeError(f"expected {type_name}, got {type(value).__name__} {value!r}")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flower_app.metering import Clock
+from split_core.compute import Compute
 
 
 @dataclass
@@ -38,34 +38,36 @@ def client_aux_step(
     optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
-    clock: Clock,
+    compute: Compute,
     phases: Phases,
 ) -> tuple[torch.Tensor, StepResult]:
     """DSL client: learn from the auxiliary loss at the cut, then free the graph at once.
 
     Returns the detached activations to send; nothing the server computes can reach this step.
     """
-    t0 = clock.now()
-    acts = segment(x)
-    logits = aux_head(acts)
-    loss = F.cross_entropy(logits, y)
-    t1 = clock.now()
+    t0 = compute.now()
+    with compute.autocast():
+        acts = segment(x)
+        logits = aux_head(acts)
+        loss = F.cross_entropy(logits, y)
+    t1 = compute.now()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    t2 = clock.now()
+    t2 = compute.now()
     phases.forward += t1 - t0
     phases.backward += t2 - t1
     return acts.detach(), _result(loss, logits, y)
 
 
 def client_forward(
-    segment: nn.Module, x: torch.Tensor, clock: Clock, phases: Phases
+    segment: nn.Module, x: torch.Tensor, compute: Compute, phases: Phases
 ) -> torch.Tensor:
     """CSL client: forward only; the returned activations keep their graph for the gradient."""
-    t0 = clock.now()
-    acts = segment(x)
-    phases.forward += clock.now() - t0
+    t0 = compute.now()
+    with compute.autocast():
+        acts = segment(x)
+    phases.forward += compute.now() - t0
     return acts
 
 
@@ -73,15 +75,15 @@ def client_backward(
     acts: torch.Tensor,
     grad: torch.Tensor,
     optimizer: torch.optim.Optimizer,
-    clock: Clock,
+    compute: Compute,
     phases: Phases,
 ) -> None:
     """CSL client: chain rule from the server's dL/d(activations) through the kept graph."""
-    t0 = clock.now()
+    t0 = compute.now()
     optimizer.zero_grad(set_to_none=True)
     acts.backward(grad)
     optimizer.step()
-    phases.backward += clock.now() - t0
+    phases.backward += compute.now() - t0
 
 
 def server_step(
@@ -89,7 +91,7 @@ def server_step(
     optimizer: torch.optim.Optimizer,
     acts: torch.Tensor,
     y: torch.Tensor,
-    clock: Clock,
+    compute: Compute,
     phases: Phases,
     *,
     input_grad: bool,
@@ -99,15 +101,16 @@ def server_step(
     Without ``input_grad`` autograd never builds the gradient of the activations, which is the
     server-side saving of DSL.
     """
-    t0 = clock.now()
+    t0 = compute.now()
     acts = acts.detach().requires_grad_(input_grad)
-    logits = segment(acts)
-    loss = F.cross_entropy(logits, y)
-    t1 = clock.now()
+    with compute.autocast():
+        logits = segment(acts)
+        loss = F.cross_entropy(logits, y)
+    t1 = compute.now()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    t2 = clock.now()
+    t2 = compute.now()
     phases.forward += t1 - t0
     phases.backward += t2 - t1
     return _result(loss, logits, y), (acts.grad if input_grad else None)
