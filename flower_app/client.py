@@ -128,7 +128,7 @@ class SplitClient:
         """
         self.version += 1
         state["split.weights"] = encode_modules(self.modules)
-        state["split.optim"] = self._momentum()
+        state["split.optim"] = self.momentum()
         state["split.meta"] = ConfigRecord(
             {
                 "version": self.version,
@@ -167,11 +167,7 @@ class SplitClient:
         train, test = (part[k].numpy().astype(np.int64) for k in ("train", "test"))
         client = cls(cfg, ids[0], ids[1], train, test, ids[2])
         load_modules(state["split.weights"], client.modules)
-        optimizer, params = client.parts.optimizer, client._params()
-        for key, array in state["split.optim"].items():
-            optimizer.state[params[int(key)]]["momentum_buffer"] = torch.from_numpy(
-                array.numpy()
-            ).to(client.compute.device)
+        client.load_momentum(state["split.optim"])
         meta = state["split.meta"]
         client.version, client.epoch, client.cursor = meta["version"], meta["epoch"], meta["cursor"]
         client.pending, client.eval_cursor = meta["pending"], meta["eval-cursor"]
@@ -184,7 +180,14 @@ class SplitClient:
     def _params(self) -> list[torch.nn.Parameter]:
         return [p for g in self.parts.optimizer.param_groups for p in g["params"]]
 
-    def _momentum(self) -> ArrayRecord:
+    def load_momentum(self, record: ArrayRecord) -> None:
+        """Momentum buffers by parameter index, as ``momentum`` writes them."""
+        optimizer, params = self.parts.optimizer, self._params()
+        for key, array in record.items():
+            buffer = torch.from_numpy(array.numpy().copy()).to(self.compute.device)
+            optimizer.state[params[int(key)]]["momentum_buffer"] = buffer
+
+    def momentum(self) -> ArrayRecord:
         state = self.parts.optimizer.state
         return ArrayRecord(
             {

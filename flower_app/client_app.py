@@ -81,9 +81,11 @@ def setup(msg: Message, context: Context) -> Message:
         data_dir = str(node.get("data-dir", cfg.data_dir))
         cpus, gpus = assigned_resources()
         _set_threads(cfg, int(node["num-partitions"]))
-        client = SplitClient.create(
-            cfg, int(node["partition-id"]), int(node["num-partitions"]), data_dir
-        )
+        pid, parts = int(node["partition-id"]), int(node["num-partitions"])
+        if _same_setup(context, cfg, pid, parts, data_dir):  # set up again after a failure
+            client, _ = _restore(context)
+        else:
+            client = SplitClient.create(cfg, pid, parts, data_dir)
         client.save(context.state)
         LIVE.put(_key(context), client)
         metrics = {
@@ -104,6 +106,26 @@ def setup(msg: Message, context: Context) -> Message:
                 ),
             }
         )
+
+    return _reply(msg, context, run)
+
+
+@app.query("checkpoint")
+def checkpoint(msg: Message, context: Context) -> Message:
+    """The client's optimizer state, for the server's checkpoint (momentum spans rounds)."""
+    return _reply(msg, context, lambda: RecordDict({"optim": _restore(context)[0].momentum()}))
+
+
+@app.query("restore")
+def restore(msg: Message, context: Context) -> Message:
+    """Optimizer state from a checkpoint, when a run resumes."""
+
+    def run() -> RecordDict:
+        client, _ = _restore(context)
+        client.load_momentum(msg.content["optim"])
+        client.save(context.state)
+        LIVE.put(_key(context), client)
+        return RecordDict({"metrics": MetricRecord({"restored": len(msg.content["optim"])})})
 
     return _reply(msg, context, run)
 
@@ -155,6 +177,16 @@ def _reply(msg: Message, context: Context, run: Callable[[], RecordDict]) -> Mes
         return Message(
             Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
         )
+
+
+def _same_setup(context: Context, cfg: RunConfig, pid: int, parts: int, data_dir: str) -> bool:
+    saved = context.state.get("split.config")
+    wanted = cfg.to_run_config() | {
+        "partition-id": pid,
+        "num-partitions": parts,
+        "node-data-dir": data_dir,
+    }
+    return saved is not None and dict(saved) == wanted
 
 
 def assigned_resources() -> tuple[float, float]:

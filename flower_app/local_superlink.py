@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 APP_ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+BIN = Path(os.environ.get("FLOWER_BIN") or Path(sys.executable).parent)  # flwr, flower-superlink
 OFFLINE_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -141,24 +141,59 @@ class LocalSuperLink:
         `flwr run` exits 0 even when the ServerApp fails: callers judge a run by its results
         files (``rounds.jsonl``), and by the log.
         """
+        cmd = self._run_command(run_config, clients, cpus_per_client, gpus_per_client, app)
+        proc = subprocess.run(
+            [*cmd, "--stream"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=app,
+        )
+        run_dir = Path(run_config.get("output-dir", "outputs")) / str(run_config.get("run-name"))
+        return FlwrRunResult(proc.stdout + proc.stderr, run_dir)
+
+    def submit(self, run_config: Mapping[str, Any], clients: int = 2, app: Path = APP_ROOT) -> int:
+        """`flwr run` without waiting: returns the run id."""
+        cmd = [*self._run_command(run_config, clients, None, None, app), "--format", "json"]
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, cwd=app)
+        try:
+            return int(json.loads(proc.stdout)["run-id"])
+        except (ValueError, KeyError) as exc:
+            raise RuntimeError(
+                f"flwr run did not start a run:\n{proc.stdout}{proc.stderr}"
+            ) from exc
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Any `flwr` command against this SuperLink (e.g. ``"stop", "3"``)."""
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def _run_command(
+        self,
+        run_config: Mapping[str, Any],
+        clients: int,
+        cpus_per_client: float | None,
+        gpus_per_client: float | None,
+        app: Path,
+    ) -> list[str]:
         federation = f"num-supernodes={clients}"
         if cpus_per_client:  # Flower wants an int here when the value is whole
             cpus = int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client
             federation += f" client-resources-num-cpus={cpus}"
         if gpus_per_client:
             federation += f" client-resources-num-gpus={gpus_per_client}"
-        cmd = [
+        return [
             str(BIN / "flwr"),
             "run",
             str(app),
-            "--stream",
             "--run-config",
             " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items()),
             "--federation-config",
             federation,
         ]
-        proc = subprocess.run(
-            cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=app
-        )
-        run_dir = Path(run_config.get("output-dir", "outputs")) / str(run_config.get("run-name"))
-        return FlwrRunResult(proc.stdout + proc.stderr, run_dir)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from split_core.config import RunConfig
+from strategies import checkpoint as checkpoints
 
 log = logging.getLogger("flwr").getChild("split")
 
@@ -47,17 +48,34 @@ def default_run_name(cfg: RunConfig, num_clients: int) -> str:
 
 
 class ResultsWriter:
-    def __init__(self, cfg: RunConfig, num_clients: int) -> None:
+    """Writes one run's directory; a resumed run reopens it with the rounds its checkpoint holds,
+    so ``rounds.jsonl`` lists every round once, whatever was written after that checkpoint."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        num_clients: int,
+        run_dir: Path | None = None,
+        history: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.cfg = cfg
         name = cfg.run_name or default_run_name(cfg, num_clients)
-        self.run_dir = (Path(cfg.output_dir).expanduser() / name).resolve()
+        self.run_dir = run_dir or (Path(cfg.output_dir).expanduser() / name).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rounds_path = self.run_dir / "rounds.jsonl"
-        self.rounds_path.write_text("")
+        self.rounds_path.write_text("".join(json.dumps(r) + "\n" for r in history or []))
 
     def write_config(self, extra: dict[str, Any]) -> None:
-        payload = {"run_config": self.cfg.to_run_config(), **extra}
-        (self.run_dir / "config.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        path = self.run_dir / "config.json"
+        if self.cfg.resume_from and path.exists():  # keep the recorded run; note the resume
+            payload = json.loads(path.read_text())
+            payload.setdefault("resumed", []).append(extra | {"time": time.strftime("%c")})
+        else:
+            payload = {"run_config": self.cfg.to_run_config(), **extra}
+        path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+    def write_checkpoint(self, checkpoint: checkpoints.Checkpoint) -> None:
+        checkpoints.save(checkpoint, self.run_dir)
 
     def write_round(self, record: dict[str, Any]) -> None:
         with self.rounds_path.open("a") as f:
@@ -108,6 +126,14 @@ def summary_table(history: list[dict[str, Any]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The run config a run recorded in its config.json."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {run_dir} is not a run directory")
+    return json.loads(path.read_text())["run_config"]
 
 
 def read_rounds(run_dir: str | Path) -> list[dict[str, Any]]:

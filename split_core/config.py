@@ -71,6 +71,9 @@ class RunConfig:
     max_active_clients: int
     max_queued_chunks: int
     min_clients: int
+    reply_timeout: float
+    checkpoint_every: int
+    resume_from: str
     progress_seconds: float
     output_dir: str
     run_name: str
@@ -135,6 +138,8 @@ class RunConfig:
                 f"max-queued-chunks must be >= 1, got {self.max_queued_chunks}",
             ),
             (self.progress_seconds >= 0, "progress-seconds must be >= 0 (0 = no progress log)"),
+            (self.reply_timeout > 0, f"reply-timeout must be > 0 s, got {self.reply_timeout}"),
+            (self.checkpoint_every >= 0, "checkpoint-every must be >= 0 (0 = no checkpoint)"),
             (self.min_clients >= 1, f"min-clients must be >= 1, got {self.min_clients}"),
             (bool(self.output_dir), "output-dir must not be empty"),
         ]

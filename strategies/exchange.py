@@ -17,6 +17,7 @@ server segment sees the same sequence of batches on every run, whatever the acto
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -71,9 +72,14 @@ class Turns:
         return []
 
 
+class RunStopped(RuntimeError):
+    """The run was stopped from outside (``flwr stop``): nothing more is trained or written."""
+
+
 @dataclass
 class ExchangeReport:
     failures: dict[int, str] = field(default_factory=dict)
+    codes: dict[int, int] = field(default_factory=dict)  # Flower's error code, where one came
     wait_seconds: float = 0.0
     messages: int = 0
     peak_queued: int = 0  # replies of one client waiting to be consumed, at most
@@ -88,9 +94,12 @@ class Exchange:
         window: int,
         max_queued: int,
         max_poll_interval: float = 0.02,
+        should_stop: Callable[[], bool] | None = None,
+        stop_check_seconds: float = 2.0,
     ) -> None:
         self.grid, self.timeout, self.max_poll = grid, timeout, max_poll_interval
         self.window, self.max_queued = window, max_queued
+        self.should_stop, self.stop_check_seconds = should_stop, stop_check_seconds
 
     def run(
         self,
@@ -117,6 +126,7 @@ class Exchange:
         deferred: dict[int, Message] = {}
         in_flight: dict[str, tuple[int, float]] = {}
         busy, idle_polls, t_start = 0.0, 0, time.perf_counter()
+        last_stop_check = time.monotonic()
 
         def push(messages: list[Message]) -> None:
             if not messages:
@@ -134,11 +144,13 @@ class Exchange:
             push([not_started.pop(n) for n in nodes])
             report.peak_active = max(report.peak_active, len(turns.active))
 
-        def fail(node: int, reason: str) -> None:
+        def fail(node: int, reason: str, code: int | None = None) -> None:
             if node in report.failures or (node not in turns.active and node not in not_started):
                 return
             log.error("client node %s dropped: %s", node, reason)
             report.failures[node] = reason
+            if code is not None:
+                report.codes[node] = code
             queues[node].clear()
             deferred.pop(node, None)
             not_started.pop(node, None)
@@ -189,7 +201,8 @@ class Exchange:
                         continue
                     progressed = True
                     if reply.has_error():
-                        fail(node, f"error {reply.error.code}: {reply.error.reason}")
+                        code = int(reply.error.code)
+                        fail(node, f"error {code}: {_readable(reply.error.reason)}", code)
                     else:
                         guarded(node, lambda n=node, r=reply: arrived(n, r))
 
@@ -200,7 +213,11 @@ class Exchange:
             now = time.monotonic()
             for node, sent in list(in_flight.values()):
                 if node in turns.active and now - sent > self.timeout:
-                    fail(node, f"no reply within {self.timeout:.0f} s")
+                    fail(node, f"no reply within {self.timeout:g} s (reply-timeout)")
+            if self.should_stop and now - last_stop_check > self.stop_check_seconds:
+                last_stop_check = now
+                if self.should_stop():
+                    raise RunStopped("the run was stopped while clients were still working")
             if turns.active and not progressed:
                 idle_polls += 1
                 time.sleep(min(self.max_poll, 0.001 * 2 ** min(idle_polls, 5)))
@@ -208,3 +225,9 @@ class Exchange:
                 idle_polls = 0
         report.wait_seconds = time.perf_counter() - t_start - busy
         return report
+
+
+def _readable(reason: str, limit: int = 600) -> str:
+    """An error reason without terminal colours, cut to a length a log line can hold."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", reason)
+    return text if len(text) <= limit else text[: limit // 2] + " ... " + text[-limit // 2 :]

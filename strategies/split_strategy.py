@@ -7,9 +7,11 @@ Data flow of one round (DSL and CSL share all of it but the gradient message):
         │            CSL only: train.backward(dL/d acts) ◀── server_segment.train_on(acts, labels)
         └── FedAvg of the client weights that come with each client's last reply
   configure_evaluate ──evaluate(weights)──▶ client: test activations ──▶ server_segment.evaluate_on
+  then: the round's record, and a checkpoint (with each client's optimizer state)
 
 Every reply is validated (``replies``) before the server uses it; the bookkeeping lives in
-``ledger``, the event loop in ``exchange``, the aggregation in ``aggregation``.
+``ledger``, the event loop in ``exchange``, who takes part in ``roster``, the messages around
+training in ``lifecycle``, the aggregation in ``aggregation``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -30,29 +31,21 @@ from split_core.config import RunConfig
 from split_core.metering import cuda_peak_bytes, peak_rss_bytes, reset_cuda_peak, reset_peak_rss
 from split_core.methods import METHODS, client_modules
 from split_core.payload import PayloadError, encode_gradient, encode_modules, record_bytes
+from strategies import lifecycle
 from strategies.aggregation import FedAvg
-from strategies.exchange import Exchange
+from strategies.checkpoint import Checkpoint, optimizer_to_cpu
+from strategies.exchange import Exchange, RunStopped
 from strategies.ledger import Ledger, Phase, round_record
 from strategies.nodes import SetupError, wait_for_nodes
 from strategies.progress import Progress
 from strategies.replies import Expected, is_done, parse_eval, parse_train
+from strategies.roster import ClientInfo, Roster
 from strategies.server_segment import ServerSegment
 
 log = logging.getLogger("flwr").getChild("split")
-
-
-@dataclass(frozen=True)
-class ClientInfo:
-    node_id: int
-    partition_id: int
-    train_examples: int
-    test_examples: int
-    data_source: str
-    device: str
-    cpus: float
-    gpus: float
-    torch_threads: int
-    state_bytes: int
+# First contact starts a client's process (a Ray actor, a ClientApp in deployment), imports
+# torch and may decode the dataset into its cache: reply-timeout alone would be too tight.
+SETUP_TIMEOUT = 300.0
 
 
 class SplitLearningStrategy(Strategy):
@@ -60,41 +53,54 @@ class SplitLearningStrategy(Strategy):
         self,
         cfg: RunConfig,
         on_round: Callable[[dict[str, Any]], None] | None = None,
-        timeout: float = 3600.0,
+        on_checkpoint: Callable[[Checkpoint], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.cfg = cfg
         self.method = METHODS[cfg.method]()
         self.server = ServerSegment(cfg)
         self.shape = cut_shape(cfg.depth, cfg.cut)
-        self.on_round = on_round
-        self.timeout = timeout
-        self.clients: list[ClientInfo] = []
+        self.on_round, self.on_checkpoint = on_round, on_checkpoint
+        self.should_stop = should_stop or (lambda: False)
+        self.timeout = cfg.reply_timeout
+        self.roster = Roster([])
+        self.round_clients: list[ClientInfo] = []
         self.setup_failures: dict[int, str] = {}
         self.history: list[dict[str, Any]] = []
         self.global_arrays: ArrayRecord | None = None  # the client weights the round starts from
+        self.resumed: Checkpoint | None = None
+        self.client_optimizers: dict[int, dict] = {}  # partition id -> momentum, for checkpoints
+
+    @property
+    def clients(self) -> list[ClientInfo]:
+        return self.roster.clients
 
     # ------------------------------------------------------------------------------ set-up
     def initial_arrays(self) -> ArrayRecord:
         """Global client weights for round 1, built from the seed exactly as the clients do."""
+        if self.resumed is not None:
+            return self.resumed.global_arrays()
         return encode_modules(client_modules(self.cfg))
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from ``checkpoint``: server segment, optimizer, history; clients at connect."""
+        self.server.segment.load_state_dict(checkpoint.server_segment)
+        self.server.optimizer.load_state_dict(checkpoint.server_optimizer)
+        self.history = list(checkpoint.history)
+        self.client_optimizers = dict(checkpoint.client_optimizers)
+        self.resumed = checkpoint
 
     def connect(self, grid: Grid, settle_seconds: float = 1.0) -> list[ClientInfo]:
         """Wait for the SuperNodes, then have every client find its data before any training.
 
         Clients that fail set-up are left out (with their reason); the run starts if at least
-        ``min-clients`` succeeded.
+        ``min-clients`` succeeded. A resumed run hands each client its optimizer state back.
         """
         nodes = wait_for_nodes(grid, self.cfg.min_clients, settle_seconds, self.timeout)
         config = ConfigRecord(self.cfg.to_run_config())
-        first = [_message(n, "query.setup", RecordDict({"config": config})) for n in nodes]
-        clients: list[ClientInfo] = []
-
-        def consume(node: int, reply: Message) -> tuple[None, bool]:
-            clients.append(_client_info(node, reply))
-            return None, True
-
-        exchange = Exchange(grid, self.timeout, window=len(nodes), max_queued=1)
-        report = exchange.run(first, request_next=lambda n, r: None, consume=consume)
+        exchange = self._exchange(grid, len(nodes))
+        exchange.timeout = max(self.timeout, SETUP_TIMEOUT)
+        clients, report = lifecycle.setup_clients(exchange, nodes, config)
         self.setup_failures = report.failures
         if len(clients) < self.cfg.min_clients or not clients:
             lines = "\n".join(f"  node {n}: {why}" for n, why in report.failures.items())
@@ -106,7 +112,13 @@ class SplitLearningStrategy(Strategy):
         ids = sorted(c.partition_id for c in clients)
         if len(set(ids)) != len(ids):
             raise SetupError(f"two SuperNodes claim the same partition-id: {ids}")
-        self.clients = sorted(clients, key=lambda c: c.partition_id)
+        self.roster = Roster(clients)
+        if self.resumed is not None:
+            exchange = self._exchange(grid, len(clients))
+            restored = lifecycle.restore_optimizers(
+                exchange, clients, self.resumed.client_optimizers
+            )
+            self.roster.note_failures(restored.failures, restored.codes)
         return self.clients
 
     # ------------------------------------------------------------------------- Flower hooks
@@ -114,7 +126,9 @@ class SplitLearningStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         content = {"arrays": arrays, "config": config}
-        return [_message(c.node_id, "train.forward", RecordDict(content)) for c in self.clients]
+        return [
+            _message(c.node_id, "train.forward", RecordDict(content)) for c in self.round_clients
+        ]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -134,7 +148,7 @@ class SplitLearningStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> list[Message]:
         content = {"arrays": arrays, "config": config}
-        return [_message(c.node_id, "evaluate", RecordDict(content)) for c in self.clients]
+        return [_message(c.node_id, "evaluate", RecordDict(content)) for c in self.round_clients]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -173,43 +187,103 @@ class SplitLearningStrategy(Strategy):
         grid: Grid,
         initial_arrays: ArrayRecord,
         num_rounds: int = 3,
-        timeout: float = 3600,
+        timeout: float | None = None,
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
-        """Flower's round loop: train (streaming FedAvg), evaluate, record; one round per epoch."""
-        self.timeout = timeout
+        """Flower's round loop: who takes part, train (streaming FedAvg), evaluate, record."""
+        self.timeout = timeout or self.timeout
         if not self.clients:
             self.connect(grid)
         self.summary()
         result, arrays = Result(arrays=initial_arrays), initial_arrays
         self.global_arrays = initial_arrays
-        for rnd in range(1, num_rounds + 1):
+        first = self.resumed.round + 1 if self.resumed is not None else 1
+        for rnd in range(first, num_rounds + 1):
             self._start_server_measurement()
+            left_out = self.begin_round(grid, rnd)
             new_arrays, train = self.train_round(grid, rnd, arrays)
             if new_arrays is None:
                 raise RuntimeError(f"round {rnd}: every client failed ({train.report.failures})")
             arrays = result.arrays = self.global_arrays = new_arrays
             evaluation = self.evaluate_round(grid, rnd, arrays)
-            failures = self.setup_failures | train.report.failures | evaluation.report.failures
-            record = round_record(
-                rnd,
-                self.cfg.method,
-                self.method.uses_aux_head,
-                self.cfg.lr_at(rnd),
-                train,
-                evaluation,
-                self._server_peaks(),
-                failures,
-                num_clients=train.clients,
-            )
-            self.history.append(record)
+            self.end_round(grid, rnd, train, evaluation, left_out)
+            record = self.history[-1]
             result.train_metrics_clientapp[rnd] = MetricRecord(_numeric(record, "train"))
             result.evaluate_metrics_clientapp[rnd] = MetricRecord(_numeric(record, "test"))
-            if self.on_round:
-                self.on_round(record)
         return result
+
+    def begin_round(self, grid: Grid, rnd: int) -> dict[int, str]:
+        """This round's clients: listed, not known dead, set up again if they failed before.
+
+        Returns the reason each other client is left out; stops the run when fewer than
+        ``min-clients`` remain.
+        """
+        taking_part, left_out = self.roster.for_round(set(grid.get_node_ids()))
+        rejoining = [c.node_id for c in taking_part if c.node_id in self.roster.needs_setup]
+        if rejoining:
+            config = ConfigRecord(self.cfg.to_run_config())
+            exchange = self._exchange(grid, len(rejoining))
+            clients, report = lifecycle.setup_clients(exchange, rejoining, config)
+            for client in clients:
+                self.roster.replace(client)
+            for node, why in report.failures.items():
+                left_out[node] = f"set-up again failed: {why}"
+            self.roster.note_failures(report.failures, report.codes)
+            taking_part, _ = self.roster.for_round(set(grid.get_node_ids()))
+            taking_part = [c for c in taking_part if c.node_id not in report.failures]
+        if len(taking_part) < self.cfg.min_clients:
+            reasons = "; ".join(f"node {n}: {why}" for n, why in left_out.items())
+            raise RuntimeError(
+                f"round {rnd}: {len(taking_part)} clients left, min-clients is "
+                f"{self.cfg.min_clients} ({reasons})"
+            )
+        for node, why in left_out.items():
+            log.warning("round %d: node %s left out: %s", rnd, node, why)
+        self.round_clients = taking_part
+        return left_out
+
+    def end_round(
+        self, grid: Grid, rnd: int, train: Phase, evaluation: Phase, left_out: dict[int, str]
+    ) -> None:
+        """Record the round and checkpoint it, unless the run was stopped meanwhile."""
+        reports = (train.report, evaluation.report)
+        failures = _first_reason(left_out, train.report.failures, evaluation.report.failures)
+        every = self.cfg.checkpoint_every
+        due = every > 0 and (rnd % every == 0 or rnd == self.cfg.num_rounds)
+        checkpoint_bytes = 0
+        if due:  # each client's momentum, which carries over rounds
+            clients = [c for c in self.round_clients if c.node_id not in failures]
+            optimizers, report, checkpoint_bytes = lifecycle.collect_optimizers(
+                self._exchange(grid), clients, self._momentum_shapes()
+            )
+            self.client_optimizers |= optimizers
+            failures = _first_reason(failures, report.failures)
+            reports += (report,)
+        for report in reports:
+            self.roster.note_failures(report.failures, report.codes)
+        if rnd == 1:
+            failures = _first_reason(self.setup_failures, failures)
+        record = round_record(
+            rnd,
+            self.cfg.method,
+            self.method.uses_aux_head,
+            self.cfg.lr_at(rnd),
+            train,
+            evaluation,
+            self._server_peaks(),
+            failures,
+            num_clients=train.clients,
+        )
+        record["bytes_checkpoint"] = checkpoint_bytes
+        if self.should_stop():
+            raise RunStopped(f"the run was stopped before round {rnd} was recorded")
+        self.history.append(record)
+        if due and self.on_checkpoint:
+            self.on_checkpoint(self._checkpoint(rnd))
+        if self.on_round:
+            self.on_round(record)
 
     # ------------------------------------------------------------------------------ rounds
     def train_round(self, grid: Grid, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord, Phase]:
@@ -285,20 +359,41 @@ class SplitLearningStrategy(Strategy):
         return Phase(ledger, report, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------------------ helpers
-    def _exchange(self, grid: Grid) -> Exchange:
+    def _checkpoint(self, rnd: int) -> Checkpoint:
+        return Checkpoint(
+            round=rnd,
+            server_segment=self.server.state_dict(),
+            server_optimizer=optimizer_to_cpu(self.server.optimizer.state_dict()),
+            client_weights={k: v.numpy() for k, v in self.global_arrays.items()},
+            client_optimizers=dict(self.client_optimizers),
+            history=list(self.history),
+        )
+
+    def _momentum_shapes(self) -> list[tuple[int, ...]]:
+        modules = client_modules(self.cfg).values()
+        return [tuple(p.shape) for m in modules if m is not None for p in m.parameters()]
+
+    def _exchange(self, grid: Grid, window: int | None = None) -> Exchange:
         c = self.cfg
-        return Exchange(grid, self.timeout, c.max_active_clients, c.max_queued_chunks)
+        return Exchange(
+            grid,
+            self.timeout,
+            window or c.max_active_clients,
+            c.max_queued_chunks,
+            should_stop=self.should_stop,
+        )
 
     def _expected(self, arrays: ArrayRecord | None) -> dict[int, Expected]:
         return {
             c.node_id: Expected(
                 self.shape, self.cfg.num_classes, self.server.device, c.train_examples, arrays
             )
-            for c in self.clients
+            for c in self.roster.clients
         }
 
     def _batches_per_epoch(self) -> int:
-        return sum(math.ceil(c.train_examples / self.cfg.batch_size) for c in self.clients)
+        batch = self.cfg.batch_size
+        return sum(math.ceil(c.train_examples / batch) for c in self.round_clients)
 
     def _start_server_measurement(self) -> None:
         self.server.meter.reset_peak()
@@ -313,26 +408,13 @@ class SplitLearningStrategy(Strategy):
         }
 
 
-def _client_info(node: int, reply: Message) -> ClientInfo:
-    try:
-        m, info = reply.content["metrics"], reply.content["info"]
-        client = ClientInfo(
-            node,
-            int(m["partition-id"]),
-            int(m["train-examples"]),
-            int(m["test-examples"]),
-            str(info["data-source"]),
-            str(info["device"]),
-            float(m["cpus"]),
-            float(m["gpus"]),
-            int(m["torch-threads"]),
-            int(m["state-bytes"]),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PayloadError(f"set-up reply is malformed: {type(exc).__name__}: {exc}") from exc
-    if min(client.partition_id, client.train_examples, client.test_examples) < 0:
-        raise PayloadError(f"set-up reply has negative counts: {client}")
-    return client
+def _first_reason(*failures: dict[int, str]) -> dict[int, str]:
+    """One reason per client: the first thing that went wrong with it this round."""
+    merged: dict[int, str] = {}
+    for failure in failures:
+        for node, why in failure.items():
+            merged.setdefault(node, why)
+    return merged
 
 
 def _message(node: int, message_type: str, content: RecordDict) -> Message:

@@ -6,9 +6,13 @@ the end of the session; it gets its own FLWR_HOME and ports, so it never touches
 
 from __future__ import annotations
 
+import functools
 import os
+import pickle
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,6 +41,8 @@ CIFAR10_CANDIDATES = [Path(p) for p in (os.environ.get("SPLIT_LEARNING_DATA_DIR"
     ROOT.parent / "shared" / "data" / "cifar10",
     Path("/work/shared/data/cifar10"),
 ]
+if os.environ.get("SPLIT_LEARNING_TESTS_SYNTHETIC"):  # run as on a machine without CIFAR-10
+    CIFAR10_CANDIDATES = []
 
 
 @pytest.fixture(autouse=True)
@@ -50,12 +56,56 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def data_dir() -> str:
-    """The real CIFAR-10 (JPEG zip layout); tests that train on it skip where it is absent."""
+def real_data_dir() -> str:
+    """The real CIFAR-10 (JPEG zip layout), for tests that assert learning; they skip without."""
     for path in CIFAR10_CANDIDATES:
         if (path / "train.zip").exists():
             return str(path)
     pytest.skip(f"real CIFAR-10 not found in {[str(p) for p in CIFAR10_CANDIDATES]}")
+
+
+def data_dir() -> str:
+    """Real CIFAR-10 where it exists, else a synthetic copy in its python format.
+
+    Tests of exactness (state round trips, equal weights, byte counts, faults) need images, not
+    these images, so they run everywhere; only tests that assert learning need the real ones.
+    """
+    try:
+        return real_data_dir()
+    except pytest.skip.Exception:
+        return synthetic_cifar10()
+
+
+@functools.cache
+def synthetic_cifar10() -> str:
+    root = Path(tempfile.mkdtemp(prefix="synthetic-cifar10-"))
+    write_cifar10_pickles(root, n_train=2500, n_test=500)
+    return str(root)
+
+
+def write_cifar10_pickles(
+    root: Path, seed: int = 0, n_train: int = 20, n_test: int = 3
+) -> tuple[np.ndarray, ...]:
+    """Random images in torchvision's CIFAR-10 python layout (five train batches, one test)."""
+    rng = np.random.default_rng(seed)
+    x_train = rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8)
+    y_train = rng.integers(0, 10, n_train)
+    x_test = rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8)
+    y_test = np.array([9, 0, 4]) if n_test == 3 else rng.integers(0, 10, n_test)
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True, exist_ok=True)
+    per_batch = n_train // 5
+    for i in range(5):
+        part = slice(per_batch * i, per_batch * (i + 1))
+        batch = {b"data": chw_rows(x_train[part]), b"labels": y_train[part].tolist()}
+        (d / f"data_batch_{i + 1}").write_bytes(pickle.dumps(batch))
+    test = {b"data": chw_rows(x_test), b"labels": y_test.tolist()}
+    (d / "test_batch").write_bytes(pickle.dumps(test))
+    return x_train, y_train, x_test, y_test
+
+
+def chw_rows(x_hwc: np.ndarray) -> np.ndarray:
+    return x_hwc.transpose(0, 3, 1, 2).reshape(len(x_hwc), 3072)
 
 
 class FlowerRunner:
@@ -72,7 +122,8 @@ class FlowerRunner:
         timeout: float = 600,
         cpus_per_client: float | None = None,
     ) -> tuple[str, Path]:
-        overrides = {"output-dir": str(self.out), "run-name": name, "data-dir": data_dir()} | config
+        overrides = {"output-dir": str(self.out), "run-name": name} | config
+        overrides.setdefault("data-dir", data_dir())
         result = self.link.run(
             overrides, clients=clients, timeout=timeout, cpus_per_client=cpus_per_client
         )

@@ -408,7 +408,7 @@ def test_partitions_are_disjoint() -> None:
     cfg = _cfg("dsl", **{"samples-per-client": 0})
     a = SplitClient.create(cfg, 0, 2, cfg.data_dir)
     b = SplitClient.create(cfg, 1, 2, cfg.data_dir)
-    assert len(a.train_idx) == len(b.train_idx) == 25_000
+    assert len(a.train_idx) == len(b.train_idx) == len(a.data.y_train) // 2
     assert len(np.intersect1d(a.train_idx, b.train_idx)) == 0
     assert len(np.intersect1d(a.test_idx, b.test_idx)) == 0
     assert len(a.test_idx) + len(b.test_idx) == 64

@@ -19,7 +19,7 @@ from split_core.data import ClientImages
 from split_core.payload import encode_gradient, encode_modules
 from split_core.steps import Phases
 from strategies.server_segment import ServerSegment
-from tests.conftest import TINY, data_dir
+from tests.conftest import TINY, data_dir, real_data_dir
 
 CPU = Compute.create(torch.device("cpu"))
 
@@ -92,8 +92,9 @@ def test_bfloat16_learns():
     """A few DSL steps in bfloat16 lower the aux loss as float32 does."""
     losses = {}
     for dtype in ("float32", "bfloat16"):
-        cfg = _cfg(method="dsl", **{"compute-dtype": dtype, "samples-per-client": 320})
-        client = SplitClient.create(cfg, 0, 1, data_dir())
+        extra = {"compute-dtype": dtype, "samples-per-client": 320, "data-dir": real_data_dir()}
+        cfg = _cfg(method="dsl", **extra)
+        client = SplitClient.create(cfg, 0, 1, cfg.data_dir)
         reply, per_batch = client.train(_first(client)), []
         per_batch.append(reply["metrics"]["aux-loss-sum"] / reply["metrics"]["num-examples"])
         while not reply["metrics"]["done"]:

@@ -24,6 +24,8 @@ from split_core.data import (
     search_roots,
     to_float,
 )
+from tests.conftest import chw_rows as _chw_rows
+from tests.conftest import write_cifar10_pickles
 
 REAL_CIFAR10 = Path("/work/shared/data/cifar10")
 
@@ -41,25 +43,6 @@ def _isolated(tmp_path, monkeypatch):
 def _dump(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(pickle.dumps(obj))
-
-
-def _chw_rows(x_hwc: np.ndarray) -> np.ndarray:
-    return x_hwc.transpose(0, 3, 1, 2).reshape(len(x_hwc), 3072)
-
-
-def write_cifar10_pickles(root: Path, seed: int = 0) -> tuple[np.ndarray, ...]:
-    rng = np.random.default_rng(seed)
-    x_train = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
-    y_train = rng.integers(0, 10, 20)
-    x_test = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    y_test = np.array([9, 0, 4])
-    d = root / "cifar-10-batches-py"
-    for i in range(5):
-        sl = slice(4 * i, 4 * i + 4)
-        batch = {b"data": _chw_rows(x_train[sl]), b"labels": y_train[sl].tolist()}
-        _dump(d / f"data_batch_{i + 1}", batch)
-    _dump(d / "test_batch", {b"data": _chw_rows(x_test), b"labels": y_test.tolist()})
-    return x_train, y_train, x_test, y_test
 
 
 def _png(img: np.ndarray) -> bytes:

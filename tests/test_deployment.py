@@ -42,6 +42,8 @@ from models import cut_shape
 from split_core.config import RunConfig
 from tests.conftest import ROOT, TINY, data_dir
 
+pytestmark = pytest.mark.slow  # real Flower runs: deselect with -m 'not slow'
+
 CONNECTION = "local-deployment"
 NUM_NODES = 2
 # Every message the SuperNode pulls is logged as "Receiving: <type> message", then it starts one

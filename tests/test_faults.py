@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import numpy as np
+import pytest
 import torch
-from flwr.app import Array, Context, Message
+from flwr.app import Array, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from flower_app import client_app as real
@@ -12,14 +16,15 @@ from flower_app.results import read_rounds
 from flower_app.simulation import simulate
 from tests.conftest import TINY, data_dir
 
+pytestmark = pytest.mark.slow  # real Flower runs: deselect with -m 'not slow'
+
 
 def faulty_client_app() -> ClientApp:
     """The real ClientApp, except that partition 1 puts a NaN into every activation payload."""
     app = ClientApp()
 
-    @app.query("setup")
-    def setup(msg: Message, context: Context) -> Message:
-        return real.setup(msg, context)
+    app.query("setup")(real.setup)
+    app.query("checkpoint")(real.checkpoint)
 
     @app.train("forward")
     def forward(msg: Message, context: Context) -> Message:
@@ -52,3 +57,77 @@ def test_malformed_payload_is_rejected_and_the_run_goes_on(tmp_path):
         assert r["test_accuracy"] is not None
     server = torch.load(run_dir / "model.pt")["server_segment"]
     assert all(torch.isfinite(v).all() for v in server.values() if v.is_floating_point())
+
+
+def unreliable_client_app() -> ClientApp:
+    """The real ClientApp with three unreliable partitions:
+
+    1. fails set-up (it never takes part);
+    2. raises on its second training message and on its evaluation, in round 1 only;
+    3. hangs for 30 s on its first training message of round 2 (reply-timeout is 8 s).
+    The app is pickled with every message, so what a node has seen lives in its own state.
+    """
+    app = ClientApp()
+    app.query("checkpoint")(real.checkpoint)
+
+    @app.query("setup")
+    def setup(msg: Message, context: Context) -> Message:
+        if context.node_config["partition-id"] == 1:
+            raise OSError("disk on fire")
+        return real.setup(msg, context)
+
+    @app.train("forward")
+    def forward(msg: Message, context: Context) -> Message:
+        pid, rnd = int(context.node_config["partition-id"]), int(msg.content["config"]["round"])
+        seen = 0 if "arrays" in msg.content else int(context.state["test.seen"]["n"])
+        context.state["test.seen"] = ConfigRecord({"n": seen + 1})
+        if pid == 2 and rnd == 1 and seen == 1:
+            raise RuntimeError("out of memory, allegedly")
+        if pid == 3 and rnd == 2 and seen == 0:
+            time.sleep(30)
+        return real.train(msg, context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        if context.node_config["partition-id"] == 2 and msg.content["config"]["round"] == 1:
+            raise RuntimeError("evaluation broke too")
+        return real.evaluate(msg, context)
+
+    return app
+
+
+def test_unreliable_clients_are_left_out_and_the_run_goes_on(tmp_path):
+    config = TINY | {
+        "method": "dsl",
+        "samples-per-client": 96,
+        "chunk-mib": 0.5,  # one batch per message: partition 2 fails mid-round
+        "test-samples": 128,
+        "reply-timeout": 8.0,
+        "data-dir": data_dir(),
+        "output-dir": str(tmp_path),
+        "run-name": "unreliable",
+    }
+    run_dir = simulate(config, 4, client_app=unreliable_client_app(), cpus_per_client=1)
+    first, second = read_rounds(run_dir)
+    pid_of = {
+        str(c["node_id"]): c["partition_id"]
+        for c in json.loads((run_dir / "config.json").read_text())["clients"]
+    }
+    setup_failure = json.loads((run_dir / "config.json").read_text())["setup_failures"]
+    (why_setup,) = setup_failure.values()
+    assert "disk on fire" in why_setup  # and set-up went on with the other three
+
+    # Round 1: partition 2 fails in training and in evaluation, and counts once.
+    assert first["num_clients"] == 2
+    assert first["failed_clients"] == 2
+    reasons = {pid_of.get(n, "setup"): why for n, why in first["failures"].items()}
+    assert reasons["setup"] == why_setup
+    assert "out of memory, allegedly" in reasons[2]  # the first failure of the round
+    assert first["train_examples"] == 2 * 96 + 32  # partition 2's first batch was used
+
+    # Round 2: partition 2 is back; partition 3 hangs and the reply-timeout drops it.
+    assert second["num_clients"] == 2
+    ((node, why),) = second["failures"].items()
+    assert pid_of[node] == 3 and why == "no reply within 8 s (reply-timeout)"
+    assert second["train_examples"] == 2 * 96
+    assert np.isfinite(second["train_loss"])

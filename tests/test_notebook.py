@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from tests.conftest import ROOT, TINY, data_dir
+
+pytestmark = pytest.mark.slow  # real Flower runs: deselect with -m 'not slow'
 
 NOTEBOOK = ROOT / "notebooks" / "compare_strategies.ipynb"
 

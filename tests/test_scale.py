@@ -21,6 +21,8 @@ from flower_app.simulation import simulate
 from split_core.config import RunConfig
 from tests.conftest import TINY, data_dir
 
+pytestmark = pytest.mark.slow  # real Flower runs: deselect with -m 'not slow'
+
 MANY = TINY | {
     "method": "csl",
     "samples-per-client": 64,  # two batches of 32 per client

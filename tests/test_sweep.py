@@ -6,8 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from flower_app.report import COLUMNS, load_runs, make_report
 from tests.conftest import ROOT, TINY, data_dir
+
+pytestmark = pytest.mark.slow  # real Flower runs: deselect with -m 'not slow'
 
 TINY_OVERRIDES = [f"run_config.{k}={v}" for k, v in (TINY | {"num-rounds": 1}).items()]
 
