@@ -21,6 +21,7 @@ fixture's teardown, also when a test or the start-up fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -203,14 +204,14 @@ def _stop_all(procs: list[subprocess.Popen]) -> None:
                 pass
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory):
-    cifar = data_dir()  # skips when the real CIFAR-10 is missing
-    tmp = tmp_path_factory.mktemp("deployment")
+@contextlib.contextmanager
+def deploy(tmp: Path, num_nodes: int):
+    """A SuperLink and ``num_nodes`` SuperNodes on loopback, stopped by PID afterwards."""
+    cifar = data_dir()
     home, out, logs = tmp / "flwr-home", tmp / "runs", tmp / "logs"
     for d in (home, out, logs):
         d.mkdir()
-    port, *node_ports = _ports(1 + NUM_NODES)
+    port, *node_ports = _ports(1 + num_nodes)
     # The local-SuperLink ports point at ours: should `flwr` ever try to start a local SuperLink,
     # it fails on a busy port instead of touching a developer's.
     env = flower_env(home, port, port)
@@ -223,7 +224,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
         f'[superlink]\ndefault = "{CONNECTION}"\n\n'
         f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
     )
-    dep = Deployment(env, home, out, port, [logs / f"supernode-{i}.log" for i in range(NUM_NODES)])
+    dep = Deployment(env, home, out, port, [logs / f"supernode-{i}.log" for i in range(num_nodes)])
     try:
         superlink_log = logs / "superlink.log"
         superlink = _start(
@@ -255,7 +256,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
             time.sleep(0.2)
 
         for pid, (node_port, log) in enumerate(zip(node_ports, dep.supernode_logs, strict=True)):
-            node_config = f"partition-id={pid} num-partitions={NUM_NODES} data-dir='{cifar}'"
+            node_config = f"partition-id={pid} num-partitions={num_nodes} data-dir='{cifar}'"
             dep.procs.append(
                 _start(
                     [
@@ -275,7 +276,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
                 )
             )
         deadline = time.monotonic() + 60
-        while len(dep.online_nodes()) < NUM_NODES:
+        while len(dep.online_nodes()) < num_nodes:
             dead = [p.args for p in dep.procs if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 tails = "\n".join(p.read_text()[-1500:] for p in dep.supernode_logs)
@@ -284,6 +285,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
         yield dep
     finally:
         _stop_all(dep.procs)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory):
+    with deploy(tmp_path_factory.mktemp("deployment"), NUM_NODES) as dep:
+        yield dep
 
 
 def _check_round(dep: Deployment, run: FlowerRun, config: dict) -> dict:
@@ -307,9 +314,9 @@ def _check_round(dep: Deployment, run: FlowerRun, config: dict) -> dict:
     assert sorted(str(c["node_id"]) for c in clients) == sorted(dep.online_nodes())
     assert all(c["data_source"].startswith(data_dir()) for c in clients), clients
 
-    # One fresh ClientApp process per message: setup + the training messages + evaluate.
+    # One fresh ClientApp process per message: set-up, training, evaluation, checkpoint.
     per_node = r["train_messages"] // NUM_NODES
-    assert dep.received(run.run_id) == [2 + per_node] * NUM_NODES
+    assert dep.received(run.run_id) == [3 + per_node] * NUM_NODES
     for received, started in dep.process_counts():
         assert received == started > 0
     return r
@@ -358,3 +365,57 @@ def test_csl_in_deployment(deployment: Deployment, one_thread):
         f"train {r['train_seconds']:.1f} s for {r['train_messages']} messages, "
         f"eval {r['eval_seconds']:.1f} s"
     )
+
+
+def test_a_supernode_killed_after_round_1_leaves_a_run_that_finishes(tmp_path, one_thread):
+    """3 SuperNodes; one is SIGKILLed once round 1 is written. The run finishes rounds 2 and 3
+    with the two survivors; the dead node is dropped by reply-timeout (Flower itself takes
+    about a minute to mark it offline) and named in rounds.jsonl."""
+    config = SMALL | {
+        "method": "dsl",
+        "num-rounds": 3,
+        "min-clients": 2,
+        "reply-timeout": 20.0,
+        "samples-per-client": 64,
+        "checkpoint-every": 0,
+    }
+    with deploy(tmp_path, 3) as dep:
+        overrides = config | {"output-dir": str(dep.out), "run-name": "killed"}
+        started = dep.flwr(
+            "run",
+            str(ROOT),
+            CONNECTION,
+            "--format",
+            "json",
+            "--run-config",
+            " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()),
+        )
+        run_id = json.loads(started.stdout)["run-id"]
+        run_dir = dep.out / "killed"
+        deadline = time.monotonic() + 240
+        while not (run_dir / "rounds.jsonl").exists() or not read_rounds(run_dir):
+            assert time.monotonic() < deadline, "round 1 never ended"
+            time.sleep(0.5)
+        victim = dep.procs[3]  # SuperNode with partition-id 2
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+        deadline = time.monotonic() + 300
+        while True:
+            runs = json.loads(dep.flwr("ls", CONNECTION, "--format", "json").stdout)["runs"]
+            status = next(r["status"] for r in runs if r["run-id"] == run_id)
+            if status.startswith("finished"):
+                break
+            assert time.monotonic() < deadline, "the run did not finish"
+            time.sleep(1)
+        assert status == "finished:completed"
+        rounds = read_rounds(run_dir)
+        assert [r["round"] for r in rounds] == [1, 2, 3]
+        assert rounds[0]["num_clients"] == 3 and rounds[0]["failed_clients"] == 0
+        clients = json.loads((run_dir / "config.json").read_text())["clients"]
+        dead = next(str(c["node_id"]) for c in clients if c["partition_id"] == 2)
+        for r in rounds[1:]:
+            assert r["num_clients"] == 2 and r["failed_clients"] == 1
+            assert r["train_examples"] == 2 * 64
+            why = r["failures"][dead]
+            assert "reply-timeout" in why or "error 5" in why or "not invited" in why, why
+        assert (run_dir / "model.pt").exists()
