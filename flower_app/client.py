@@ -18,7 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from models import cut_shape
-from split_core.compute import Compute
+from split_core.compute import Compute, seeded_generator
 from split_core.config import RunConfig
 from split_core.data import ClientImages, load_cifar, partition_indices
 from split_core.metering import (
@@ -28,14 +28,16 @@ from split_core.metering import (
     reset_cuda_peak,
     reset_peak_rss,
 )
-from split_core.methods import METHODS, ClientParts, client_modules
+from split_core.methods import ClientParts, Pending, client_modules, make_method
 from split_core.payload import (
+    WIRE_ITEMSIZE,
     PayloadError,
     decode_gradient,
     encode_activations,
     encode_modules,
     load_modules,
 )
+from split_core.privacy import distance_correlation
 from split_core.steps import Phases, score
 
 
@@ -47,8 +49,7 @@ def epoch_order(n: int, seed: int, partition_id: int, epoch: int) -> np.ndarray:
 
 def batch_generator(seed: int, partition_id: int, epoch: int, batch: int) -> torch.Generator:
     """Augmentation randomness of one batch, so the batch can be rebuilt bit for bit later."""
-    key = np.random.SeedSequence([seed, partition_id, epoch, batch]).generate_state(1)[0]
-    return torch.Generator().manual_seed(int(key))
+    return seeded_generator(seed, partition_id, epoch, batch)
 
 
 def split_test_set(
@@ -73,7 +74,7 @@ class SplitClient:
         self.cfg, self.partition_id, self.num_partitions = cfg, partition_id, num_partitions
         self.train_idx, self.test_idx, self.data_dir = train_idx, test_idx, data_dir
         self.data = load_cifar(cfg.dataset, data_dir)
-        self.method = METHODS[cfg.method]()
+        self.method = make_method(cfg)
         self.compute = Compute.create(cfg.resolve_device(), cfg.compute_dtype, cfg.channels_last)
         self.train_images = ClientImages(
             self.data.x_train, self.data.y_train, train_idx, cfg.dataset, self.compute
@@ -96,8 +97,8 @@ class SplitClient:
         self.meter = SavedTensorsMeter()
         self.version = 0
         self.epoch = self.cursor = self.eval_cursor = 0
-        self.pending = -1  # CSL: batch whose activations await their gradient
-        self._graph: torch.Tensor | None = None
+        self.pending = -1  # batch whose activations await the server's gradient (CSL, feedback)
+        self._graph: Pending | None = None
 
     # ----------------------------------------------------------------------------- set-up / state
     @classmethod
@@ -213,13 +214,12 @@ class SplitClient:
         return self.test_images.batch(np.arange(start, stop))
 
     def _samples_per_message(self) -> int:
-        itemsize = np.dtype(self.cfg.payload_dtype).itemsize
+        itemsize = WIRE_ITEMSIZE[self.cfg.payload_dtype]
         return max(1, int(self.cfg.chunk_mib * 2**20) // (math.prod(self.shape) * itemsize))
 
     def batches_per_message(self) -> int:
-        """CSL: one (the gradient must return first). DSL: as many as fit in chunk-mib."""
-        if self.method.returns_gradient:
-            return 1
+        """As many batches as fit in chunk-mib; a chunk also ends at a batch that needs the
+        server's gradient (every batch in CSL), since the client must wait for it."""
         return max(1, self._samples_per_message() // self.cfg.batch_size)
 
     # ------------------------------------------------------------------------------- handlers
@@ -246,15 +246,18 @@ class SplitClient:
             x, y = self.train_batch(self.epoch, self.cursor)
             data_s += time.perf_counter() - td
             with self.meter.track():
-                out, result = self.method.client_batch(self.parts, x, y, phases)
-            if self.method.returns_gradient:
-                self._graph, self.pending = out, self.cursor
+                out, result, pending = self.method.client_batch(
+                    self.parts, x, y, phases, self.cursor
+                )
             if result is not None:
                 aux_loss += result.loss * len(y)
                 aux_correct += result.correct
-            acts.append(out.detach())
+            acts.append(out)
             labels.append(y)
             self.cursor += 1
+            if pending is not None:  # the chunk ends here: this batch waits for its gradient
+                self._graph, self.pending = pending, self.cursor - 1
+                break
 
         done = self.cursor >= self.num_batches and self.pending < 0
         metrics = {
@@ -265,6 +268,7 @@ class SplitClient:
             "seconds": time.perf_counter() - t0,
             "recomputes": int(recompute_s >= 0),
             "recompute-seconds": max(recompute_s, 0.0),
+            "awaits-gradient": int(self.pending >= 0),
             "done": int(done),
         }
         reply = RecordDict({"metrics": MetricRecord(metrics | self._measurements(phases))})
@@ -286,13 +290,13 @@ class SplitClient:
             t0 = time.perf_counter()
             self._graph = self._recompute(self.pending, phases)
             recompute_s = time.perf_counter() - t0
-        grad = decode_gradient(record, self._graph)
+        grad = decode_gradient(record, self._graph.acts, self.cfg.payload_dtype)
         with self.meter.track():
             self.method.client_gradient(self.parts, self._graph, grad, phases)
         self.pending, self._graph = -1, None
         return recompute_s
 
-    def _recompute(self, batch: int, phases: Phases) -> torch.Tensor:
+    def _recompute(self, batch: int, phases: Phases) -> Pending:
         """The forward graph of ``batch`` again, bit for bit, without a second BatchNorm update.
 
         In training mode BatchNorm normalises with the batch's own statistics, so the output
@@ -300,22 +304,26 @@ class SplitClient:
         statistics after this batch's first forward, and they are put back afterwards.
         """
         x, y = self.train_batch(self.epoch, batch)
-        segment = self.modules["segment"]
-        saved = [b.detach().clone() for b in segment.buffers()]
+        buffers = [b for m in self.modules.values() if m is not None for b in m.buffers()]
+        saved = [b.detach().clone() for b in buffers]
         with self.meter.track():
-            graph, _ = self.method.client_batch(self.parts, x, y, phases)
+            _, _, pending = self.method.client_batch(self.parts, x, y, phases, batch)
         with torch.no_grad():
-            for before, live in zip(saved, segment.buffers(), strict=True):
+            for before, live in zip(saved, buffers, strict=True):
                 live.copy_(before)
-        return graph
+        if pending is None:
+            raise PayloadError(f"batch {batch} does not take a gradient in {self.method.name}")
+        return pending
 
     @torch.no_grad()
     def evaluate(self, request: RecordDict) -> RecordDict:
         """Test-set activations for the server, plus the aux head's own test accuracy."""
         phases, t0 = Phases(), time.perf_counter()
+        probe = {}
         if "arrays" in request:
             load_modules(request["arrays"], self.modules)
             self.eval_cursor = 0
+            probe = self._privacy_probe()
         stop = min(len(self.test_idx), self.eval_cursor + self._samples_per_message())
         acts, labels, aux_loss, aux_correct = [], [], 0.0, 0
         for m in self.modules.values():
@@ -347,12 +355,27 @@ class SplitClient:
             "forward-seconds": phases.forward,
             "done": int(stop >= len(self.test_idx)),
         }
-        reply = RecordDict({"metrics": MetricRecord(metrics)})
+        reply = RecordDict({"metrics": MetricRecord(metrics | probe)})
         if acts:
             reply["acts"] = encode_activations(
                 torch.cat(acts), torch.cat(labels), self.cfg.payload_dtype
             )
         return reply
+
+    def _privacy_probe(self) -> dict[str, float]:
+        """dCor(images, activations) of the round's model on this client's first test images."""
+        n = min(self.cfg.probe_samples, len(self.test_idx))
+        if n < 2:
+            return {}
+        segment = self.modules["segment"]
+        segment.eval()
+        try:
+            x, _ = self.test_batch(0, n)
+            with self.compute.autocast():
+                acts = segment(x)
+        finally:
+            segment.train()
+        return {"probe-dcor": distance_correlation(x, acts), "probe-count": 1}
 
     # ---------------------------------------------------------------------------- measurement
     def _start_measuring(self) -> None:

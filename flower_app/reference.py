@@ -15,12 +15,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from flower_app.client import SplitClient
+from split_core.compute import seeded_generator
 from split_core.config import RunConfig, parse_overrides
 from split_core.metering import SavedTensorsMeter
-from split_core.payload import decode_activations, encode_modules, load_modules
+from split_core.payload import (
+    decode_activations,
+    decode_gradient,
+    encode_activations,
+    encode_gradient,
+    encode_modules,
+    load_modules,
+)
 from split_core.steps import Phases
 from strategies.aggregation import FedAvg
 from strategies.exchange import Turns
@@ -73,22 +82,33 @@ def train_round(run: ReferenceRun, rnd: int, weights: ArrayRecord) -> ArrayRecor
     replies = [_replies(client) for client in run.clients]
     sent = [0] * len(run.clients)
     turns, fedavg = Turns(list(range(len(run.clients))), cfg.max_active_clients), FedAvg(weights)
+    wire = cfg.payload_dtype
     while (i := turns.current()) is not None:
-        client = run.clients[i]
-        for batch in replies[i][sent[i]]:
-            x, y = client.train_batch(rnd - 1, batch)
-            method = client.method
-            with meter.track():
-                acts, aux = method.client_batch(client.parts, x, y, client_phases)
-                result, grad = server.train_on(
-                    acts, y, server_phases, input_grad=method.returns_gradient
+        client, method = run.clients[i], run.clients[i].method
+        chunk = replies[i][sent[i]]
+        with meter.track():
+            outs, labels, pending = [], [], None
+            for batch in chunk:  # the client's part of one message
+                x, y = client.train_batch(rnd - 1, batch)
+                acts, aux, pending = method.client_batch(client.parts, x, y, client_phases, batch)
+                outs.append(acts)
+                labels.append(y)
+                aux_loss += aux.loss * len(y) if aux is not None else 0.0
+            if chunk:  # through the wire, as the server receives it
+                record = encode_activations(torch.cat(outs), torch.cat(labels), wire)
+                acts, y = decode_activations(
+                    record, client.shape, cfg.num_classes, server.device, wire
                 )
-                if grad is not None:
-                    method.client_gradient(client.parts, acts, grad, client_phases)
-            del acts
-            loss += result.loss
-            aux_loss += aux.loss * len(y) if aux is not None else 0.0
-            examples += len(y)
+                flags = [method.needs_gradient(b) for b in chunk]
+                result, grad = server.train_on(acts, y, server_phases, flags)
+                loss += result.loss
+                examples += len(y)
+            if chunk and grad is not None:
+                rounding = seeded_generator(cfg.seed, rnd, client.partition_id, chunk[-1] + 1)
+                record = encode_gradient(grad, wire, rounding)
+                grad = decode_gradient(record, pending.acts, wire)
+                method.client_gradient(client.parts, pending, grad, client_phases)
+            del outs, pending
         sent[i] += 1
         finished = sent[i] == len(replies[i])
         if finished:  # the strategy adds each client as its final reply is consumed
@@ -111,13 +131,20 @@ def train_round(run: ReferenceRun, rnd: int, weights: ArrayRecord) -> ArrayRecor
     return fedavg.result()
 
 
-def _replies(client: SplitClient) -> list[range]:
+def _replies(client: SplitClient) -> list[list[int]]:
     """The batches each of the client's training replies carries, as the ClientApp sends them:
-    DSL packs several per reply; CSL one, and its last reply (after the last gradient) none."""
-    per_message, n = client.batches_per_message(), client.num_batches
-    chunks = [range(s, min(s + per_message, n)) for s in range(0, n, per_message)]
-    if client.method.returns_gradient or not chunks:
-        chunks.append(range(0))
+    as many as fit in chunk-mib, a chunk ending early at a batch that waits for a gradient;
+    after a last batch that waited (CSL), one more reply carries no batch, only the weights."""
+    chunks, current = [], []
+    for batch in range(client.num_batches):
+        current.append(batch)
+        if client.method.needs_gradient(batch) or len(current) == client.batches_per_message():
+            chunks.append(current)
+            current = []
+    if current:
+        chunks.append(current)
+    if not chunks or client.method.needs_gradient(client.num_batches - 1):
+        chunks.append([])
     return chunks
 
 
@@ -131,7 +158,11 @@ def evaluate(run: ReferenceRun, weights) -> dict[str, float | None]:
             request = RecordDict({"config": ConfigRecord({"round": 0})})
             if "acts" in reply:
                 acts, labels = decode_activations(
-                    reply["acts"], client.shape, run.cfg.num_classes, run.server.device
+                    reply["acts"],
+                    client.shape,
+                    run.cfg.num_classes,
+                    run.server.device,
+                    run.cfg.payload_dtype,
                 )
                 correct += run.server.evaluate_on(acts, labels, Phases()).correct
             aux_correct += int(reply["metrics"]["aux-correct"])

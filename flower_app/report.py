@@ -1,5 +1,7 @@
 """Turn results directories into the paper's evidence: Figs. 4-7 as PNGs and a markdown table.
 
+Fig. 8, beyond the paper: the distance correlation between inputs and cut activations.
+
     python -m flower_app.report multirun/2026-11-25_17-30-00 [--out docs/cpu_compare]
 
 Any directory works: every ``rounds.jsonl`` below it (with its ``config.json``) is one run. Runs
@@ -102,29 +104,39 @@ def pair(runs: list[Run]) -> dict[Setting, dict[str, Run]]:
 
 
 def fig_accuracy(runs: list[Run]) -> Figure:
-    """Fig. 4: test accuracy per epoch, CSL vs DSL, for each split and K."""
+    """Fig. 4: test accuracy per epoch, CSL vs DSL (dotted: DSL's aux head alone)."""
+    return _per_round(runs, "test_accuracy", "test accuracy (%)", 100, aux="aux_test_accuracy")
+
+
+def fig_probe(runs: list[Run]) -> Figure:
+    """What the activations reveal: dCor(input, cut activations) on a fixed probe, per epoch."""
+    return _per_round(runs, "probe_dcor", "dCor(input, activations)", 1)
+
+
+def _per_round(
+    runs: list[Run], key: str, ylabel: str, scale: float, aux: str | None = None
+) -> Figure:
     pairs = pair(runs)
     fig = Figure(figsize=(4.2 * len(pairs), 3.4), layout="tight")
     axes = fig.subplots(1, len(pairs), squeeze=False)
     for ax, (setting, by_method) in zip(axes[0], pairs.items(), strict=True):
         for method, run in sorted(by_method.items()):
-            epochs = [r["round"] for r in run.rounds]
-            acc = [100 * (r["test_accuracy"] or 0) for r in run.rounds]
-            ax.plot(
-                epochs, acc, marker="o", ms=3, color=METHOD_COLORS.get(method), label=method.upper()
-            )
-            aux = [r["aux_test_accuracy"] for r in run.rounds]
-            if any(a is not None for a in aux):
+            color = METHOD_COLORS.get(method)
+            rounds = [r for r in run.rounds if r.get(key) is not None]
+            epochs, values = [r["round"] for r in rounds], [scale * r[key] for r in rounds]
+            ax.plot(epochs, values, marker="o", ms=3, color=color, label=method.upper())
+            extra = [r for r in run.rounds if aux and r.get(aux) is not None]
+            if extra:
                 ax.plot(
-                    epochs,
-                    [100 * (a or 0) for a in aux],
+                    [r["round"] for r in extra],
+                    [scale * r[aux] for r in extra],
                     ls=":",
-                    color=METHOD_COLORS.get(method),
+                    color=color,
                     label=f"{method.upper()} aux head",
                 )
         ax.set_title(f"{setting.dataset}: {setting.label()}", fontsize=9)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return fig
@@ -294,11 +306,12 @@ FIGURES = {
     "fig5_communication.png": fig_communication,
     "fig6_memory.png": fig_memory,
     "fig7_time.png": fig_time,
+    "fig8_probe_dcor.png": fig_probe,
 }
 
 
 def make_report(root: str | Path, out: str | Path | None = None) -> dict[str, Path]:
-    """Write the four figures and table.md; returns their paths."""
+    """Write the figures and table.md; returns their paths."""
     runs = load_runs(root)
     if not runs:
         raise FileNotFoundError(f"no results (rounds.jsonl + config.json) found under {root}")

@@ -12,6 +12,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,3 +52,10 @@ class Compute:
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
+
+
+def seeded_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded from a place in the run (seed, partition, epoch, batch, ...), so
+    the randomness drawn there (augmentation, stochastic rounding) can be drawn again exactly."""
+    seed = np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(seed))

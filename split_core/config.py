@@ -23,12 +23,12 @@ import torch
 from models import AUX_HEADS, check_cut
 from split_core.compute import COMPUTE_DTYPES
 from split_core.data import DATASETS
-from split_core.methods import METHODS
+from split_core.methods import METHODS, make_method
+from split_core.payload import WIRE_ITEMSIZE
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 PARTITIONS = ("iid", "dirichlet")
 LR_SCHEDULES = ("constant", "step")
-PAYLOAD_DTYPES = ("float32", "float16")
 
 
 class ConfigError(ValueError):
@@ -49,6 +49,9 @@ class RunConfig:
     depth: int
     cut: int
     aux_head: str
+    aux_weight: float
+    feedback_every: int
+    feedback_alpha: float
     num_rounds: int
     batch_size: int
     lr: float
@@ -75,6 +78,7 @@ class RunConfig:
     checkpoint_every: int
     resume_from: str
     progress_seconds: float
+    probe_samples: int
     output_dir: str
     run_name: str
 
@@ -111,10 +115,16 @@ class RunConfig:
                 f"lr-schedule {self.lr_schedule!r} not in {LR_SCHEDULES}",
             ),
             (
-                self.payload_dtype in PAYLOAD_DTYPES,
-                f"payload-dtype {self.payload_dtype!r} not in {PAYLOAD_DTYPES}",
+                self.payload_dtype in WIRE_ITEMSIZE,
+                f"payload-dtype {self.payload_dtype!r} not in {tuple(WIRE_ITEMSIZE)}",
             ),
             (self.num_rounds >= 1, f"num-rounds must be >= 1, got {self.num_rounds}"),
+            (self.aux_weight >= 0, f"aux-weight must be >= 0, got {self.aux_weight}"),
+            (self.feedback_every >= 0, "feedback-every must be >= 0 (0 = pure DSL)"),
+            (
+                self.feedback_every == 0 or self.method == "dsl",
+                f"feedback-every applies to method 'dsl', not {self.method!r}",
+            ),
             (self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
@@ -138,6 +148,7 @@ class RunConfig:
                 f"max-queued-chunks must be >= 1, got {self.max_queued_chunks}",
             ),
             (self.progress_seconds >= 0, "progress-seconds must be >= 0 (0 = no progress log)"),
+            (self.probe_samples >= 0, "probe-samples must be >= 0 (0 = no privacy probe)"),
             (self.reply_timeout > 0, f"reply-timeout must be > 0 s, got {self.reply_timeout}"),
             (self.checkpoint_every >= 0, "checkpoint-every must be >= 0 (0 = no checkpoint)"),
             (self.min_clients >= 1, f"min-clients must be >= 1, got {self.min_clients}"),
@@ -184,7 +195,7 @@ class RunConfig:
         if requested:
             return requested
         cores = os.cpu_count() or 1
-        alone = METHODS[self.method].returns_gradient and num_clients == 1
+        alone = make_method(self).waits_every_batch and num_clients == 1
         threads = cores if alone else max(1, cores // 2)
         return max(1, min(threads, int(cpus))) if cpus else threads
 

@@ -1,8 +1,9 @@
 """Split-learning methods, one class each (as in FSL-SAGE): a new method is a new subclass.
 
-The methods differ only on the client and in one flag: whether the server sends the gradient
-of the loss with respect to the activations back (``returns_gradient``). Everything else (the
-data stream, payloads, the server step, aggregation and the Flower event loop) is shared.
+The methods differ only on the client and in one question: for which batches does the server
+send the gradient of the loss with respect to the activations back (``needs_gradient``)?
+Everything else (the data stream, payloads, the server step, aggregation and the Flower event
+loop) is shared.
 """
 
 from __future__ import annotations
@@ -32,34 +33,102 @@ class ClientParts:
     compute: Compute
 
 
+@dataclass
+class Pending:
+    """A batch whose client step waits for the server's gradient: its graph, kept alive."""
+
+    acts: torch.Tensor
+    aux_loss: torch.Tensor | None = None
+
+
 class SplitMethod(ABC):
     name: ClassVar[str]
-    returns_gradient: ClassVar[bool]
     uses_aux_head: ClassVar[bool]
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> SplitMethod:
+        return cls()
+
+    def needs_gradient(self, batch: int) -> bool:
+        """Does the server send dL/d(acts) of this batch (index within the epoch) back?"""
+        return False
+
+    @property
+    def waits_every_batch(self) -> bool:
+        """Client and server alternate strictly (no pipelining): every batch needs a gradient."""
+        return False
 
     @abstractmethod
     def client_batch(
-        self, parts: ClientParts, x: torch.Tensor, y: torch.Tensor, phases: Phases
-    ) -> tuple[torch.Tensor, StepResult | None]:
-        """Train on one batch as far as the client can alone; return the activations to send."""
+        self, parts: ClientParts, x: torch.Tensor, y: torch.Tensor, phases: Phases, batch: int
+    ) -> tuple[torch.Tensor, StepResult | None, Pending | None]:
+        """Train on one batch as far as the client can alone.
+
+        Returns the (detached) activations to send, the aux loss if any, and what must wait
+        for the server's gradient (None when the batch needs none).
+        """
 
     def client_gradient(
-        self, parts: ClientParts, acts: torch.Tensor, grad: torch.Tensor, phases: Phases
+        self, parts: ClientParts, pending: Pending, grad: torch.Tensor, phases: Phases
     ) -> None:
         raise TypeError(f"{self.name} does not take a gradient from the server")
 
 
 class DSL(SplitMethod):
-    """Decoupled split learning: the aux head's local loss trains the client; acts go one way."""
+    """Decoupled split learning: the aux head's local loss trains the client; acts go one way.
+
+    With ``feedback_every`` = k > 0 (the paper's alpha, discussed there, never run), every k-th
+    batch also gets the server's gradient back, and its update is ``aux_weight`` * grad(aux
+    loss) + ``alpha`` * the returned-gradient term; the other batches use ``aux_weight`` * grad
+    (aux loss). k=0 is pure DSL; k=1, alpha=1, aux_weight=0 is CSL.
+    """
 
     name = "dsl"
-    returns_gradient = False
     uses_aux_head = True
 
-    def client_batch(self, parts, x, y, phases):
+    def __init__(self, feedback_every: int = 0, alpha: float = 1.0, aux_weight: float = 1.0):
+        self.feedback_every, self.alpha, self.aux_weight = feedback_every, alpha, aux_weight
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> DSL:
+        return cls(cfg.feedback_every, cfg.feedback_alpha, cfg.aux_weight)
+
+    def needs_gradient(self, batch: int) -> bool:
+        return self.feedback_every > 0 and (batch + 1) % self.feedback_every == 0
+
+    @property
+    def waits_every_batch(self) -> bool:
+        return self.feedback_every == 1
+
+    def client_batch(self, parts, x, y, phases, batch):
         assert parts.aux_head is not None
-        return client_aux_step(
-            parts.segment, parts.aux_head, parts.optimizer, x, y, parts.compute, phases
+        if self.needs_gradient(batch):
+            acts, aux_loss, result = client_forward(
+                parts.segment, x, parts.compute, phases, parts.aux_head, y
+            )
+            return acts.detach(), result, Pending(acts, aux_loss)
+        acts, result = client_aux_step(
+            parts.segment,
+            parts.aux_head,
+            parts.optimizer,
+            x,
+            y,
+            parts.compute,
+            phases,
+            self.aux_weight,
+        )
+        return acts, result, None
+
+    def client_gradient(self, parts, pending, grad, phases):
+        client_backward(
+            pending.acts,
+            grad,
+            parts.optimizer,
+            parts.compute,
+            phases,
+            pending.aux_loss,
+            self.alpha,
+            self.aux_weight,
         )
 
 
@@ -67,17 +136,28 @@ class CSL(SplitMethod):
     """Conventional split learning: end-to-end backprop, one gradient round trip per batch."""
 
     name = "csl"
-    returns_gradient = True
     uses_aux_head = False
 
-    def client_batch(self, parts, x, y, phases):
-        return client_forward(parts.segment, x, parts.compute, phases), None
+    def needs_gradient(self, batch: int) -> bool:
+        return True
 
-    def client_gradient(self, parts, acts, grad, phases):
-        client_backward(acts, grad, parts.optimizer, parts.compute, phases)
+    @property
+    def waits_every_batch(self) -> bool:
+        return True
+
+    def client_batch(self, parts, x, y, phases, batch):
+        acts, _, _ = client_forward(parts.segment, x, parts.compute, phases)
+        return acts.detach(), None, Pending(acts)
+
+    def client_gradient(self, parts, pending, grad, phases):
+        client_backward(pending.acts, grad, parts.optimizer, parts.compute, phases)
 
 
 METHODS: dict[str, type[SplitMethod]] = {m.name: m for m in (DSL, CSL)}
+
+
+def make_method(cfg: RunConfig) -> SplitMethod:
+    return METHODS[cfg.method].from_config(cfg)
 
 
 def client_modules(cfg: RunConfig) -> dict[str, nn.Module | None]:

@@ -15,8 +15,6 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
-WIRE_DTYPES = {"float32": np.float32, "float16": np.float16}
-
 
 class PayloadError(ValueError):
     """A client's payload is malformed; the server rejects it before touching its model."""
@@ -40,17 +38,11 @@ def record_bytes(record: ArrayRecord | None) -> int:
     return 0 if record is None else sum(array_bytes(a) for a in record.values())
 
 
-def encode_activations(acts: torch.Tensor, labels: torch.Tensor, wire_dtype: str) -> ArrayRecord:
-    """Labels travel as uint8 (one byte each) whenever they fit: CIFAR-10 and CIFAR-100 do."""
+def encode_activations(acts: torch.Tensor, labels: torch.Tensor, wire: str) -> ArrayRecord:
+    """Activations in the wire format; labels as uint8 (one byte each) whenever they fit."""
     y = labels.cpu().numpy()
-    return ArrayRecord(
-        {
-            "acts": Array(_to_numpy(acts, wire_dtype)),
-            "labels": Array(
-                y.astype(np.uint8 if y.size == 0 or 0 <= y.min() <= y.max() < 256 else np.int64)
-            ),
-        }
-    )
+    y = y.astype(np.uint8 if y.size == 0 or 0 <= y.min() <= y.max() < 256 else np.int64)
+    return ArrayRecord(encode_tensor(acts, wire, "acts") | {"labels": Array(y)})
 
 
 def decode_activations(
@@ -58,19 +50,22 @@ def decode_activations(
     shape: tuple[int, int, int],
     num_classes: int,
     device: torch.device,
+    wire: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated float32 activations and int64 labels; PayloadError names what is wrong."""
-    if record is None:
+    if not isinstance(record, ArrayRecord):
         raise PayloadError("reply carries no 'acts' record")
-    missing = {"acts", "labels"} - set(record.keys())
-    if missing:
-        raise PayloadError(f"activation payload lacks {sorted(missing)}")
-    acts, labels = _load(record, "acts"), _load(record, "labels")
-    if acts.dtype.kind != "f":
-        raise PayloadError(f"activations must be floating point, got {acts.dtype}")
+    expected = {"labels", *wire_keys("acts", wire)}
+    if set(record.keys()) != expected:
+        raise PayloadError(
+            f"activation payload has arrays {sorted(record.keys())}, expected {sorted(expected)}"
+        )
+    labels = _load(record, "labels")
+    acts = decode_tensor(record, "acts", wire, device)
     if acts.ndim != 4 or tuple(acts.shape[1:]) != tuple(shape) or acts.shape[0] == 0:
         raise PayloadError(
-            f"activations have shape {acts.shape}, expected (n>0, {', '.join(map(str, shape))})"
+            f"activations have shape {tuple(acts.shape)}, "
+            f"expected (n>0, {', '.join(map(str, shape))})"
         )
     if labels.dtype.kind not in "iu" or labels.shape != (acts.shape[0],):
         raise PayloadError(
@@ -81,32 +76,133 @@ def decode_activations(
         raise PayloadError(
             f"labels out of range [0, {num_classes}): {labels.min()}..{labels.max()}"
         )
-    acts_t = torch.from_numpy(acts).to(device=device, dtype=torch.float32)
-    if not torch.isfinite(acts_t).all():
-        raise PayloadError("activations contain NaN or infinite values")
-    return acts_t, torch.from_numpy(labels.astype(np.int64)).to(device)
+    return acts, torch.from_numpy(labels.astype(np.int64)).to(device)
 
 
-def encode_gradient(grad: torch.Tensor, wire_dtype: str) -> ArrayRecord:
-    return ArrayRecord({"grad": Array(_to_numpy(grad, wire_dtype))})
+def encode_gradient(
+    grad: torch.Tensor, wire: str, generator: torch.Generator | None = None
+) -> ArrayRecord:
+    """dL/d(acts) in the wire format; int8 rounds stochastically (see ``encode_tensor``)."""
+    return ArrayRecord(encode_tensor(grad, wire, "grad", symmetric=True, generator=generator))
 
 
-def _to_numpy(t: torch.Tensor, wire_dtype: str) -> np.ndarray:
-    """Cast on the device (float16 crosses the bus at half the bytes); C order on the wire."""
-    return t.detach().to(getattr(torch, wire_dtype)).contiguous().cpu().numpy()
-
-
-def decode_gradient(record: ArrayRecord, like: torch.Tensor) -> torch.Tensor:
+def decode_gradient(record: ArrayRecord, like: torch.Tensor, wire: str = "float32") -> torch.Tensor:
     """The server's dL/d(acts); checked like activations, since it goes into the weights."""
-    grad = _load(record, "grad")
-    if grad.dtype.kind != "f":
-        raise PayloadError(f"gradient must be floating point, got {grad.dtype}")
+    expected = set(wire_keys("grad", wire, symmetric=True))
+    if set(record.keys()) != expected:
+        raise PayloadError(
+            f"gradient payload has arrays {sorted(record.keys())}, expected {sorted(expected)}"
+        )
+    grad = decode_tensor(record, "grad", wire, like.device)
     if tuple(grad.shape) != tuple(like.shape):
-        raise PayloadError(f"gradient has shape {grad.shape}, activations have {tuple(like.shape)}")
-    grad_t = torch.from_numpy(grad).to(device=like.device, dtype=like.dtype)
-    if not torch.isfinite(grad_t).all():
-        raise PayloadError("gradient contains NaN or infinite values")
-    return grad_t
+        raise PayloadError(
+            f"gradient has shape {tuple(grad.shape)}, activations have {tuple(like.shape)}"
+        )
+    return grad.to(like.dtype)
+
+
+# --------------------------------------------------------------------------- wire formats
+# float32 and float16 travel as themselves, bfloat16 as its 16 bits in an int16 array (numpy
+# has no bfloat16). int8 is per-channel affine quantisation (channel = dim 1), with each
+# channel's float32 scale (and zero point) sent alongside:
+#   activations: asymmetric, [min, max] of the channel onto [-128, 127], round to nearest. Cut
+#     activations follow a ReLU, so a symmetric range would waste half the levels.
+#   gradients: symmetric (zero point 0, so a zero gradient stays exactly zero and signs are
+#     kept), max|g| onto 127, and *stochastic* rounding, which makes the quantised gradient an
+#     unbiased estimate of the true one: round-to-nearest would bias every small gradient
+#     component to 0, and SGD would stall on them.
+WIRE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+_WIRE_NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16, "int8": np.int8}
+
+
+def wire_keys(key: str, wire: str, symmetric: bool = False) -> list[str]:
+    if wire != "int8":
+        return [key]
+    return [key, f"{key}.scale"] if symmetric else [key, f"{key}.scale", f"{key}.zero"]
+
+
+def encode_tensor(
+    t: torch.Tensor,
+    wire: str,
+    key: str,
+    *,
+    symmetric: bool = False,
+    generator: torch.Generator | None = None,
+) -> dict[str, Array]:
+    """The arrays that carry ``t`` (N, C, ...) in ``wire``, computed on t's device."""
+    t = t.detach()
+    if wire in ("float32", "float16"):
+        return {key: Array(_numpy(t.to(getattr(torch, wire))))}
+    if wire == "bfloat16":
+        return {key: Array(_numpy(t.to(torch.bfloat16).view(torch.int16)))}
+    x = t.float().transpose(0, 1).reshape(t.shape[1], -1)  # (C, everything else)
+    if symmetric:
+        scale = x.abs().amax(dim=1) / 127
+        noise = torch.rand(x.shape, generator=generator).to(x.device)
+        q = torch.floor(x / _safe(scale)[:, None] + noise).clamp_(-127, 127)
+        arrays = {f"{key}.scale": Array(_numpy(scale))}
+    else:
+        lo, hi = x.amin(dim=1), x.amax(dim=1)
+        scale = (hi - lo) / 255
+        zero = torch.round(-lo / _safe(scale)) - 128
+        q = (torch.round(x / _safe(scale)[:, None]) + zero[:, None]).clamp_(-128, 127)
+        arrays = {f"{key}.scale": Array(_numpy(scale)), f"{key}.zero": Array(_numpy(zero))}
+    q = q.to(torch.int8).reshape(t.shape[1], t.shape[0], *t.shape[2:]).transpose(0, 1)
+    return {key: Array(_numpy(q))} | arrays
+
+
+def decode_tensor(record: ArrayRecord, key: str, wire: str, device: torch.device) -> torch.Tensor:
+    """float32 tensor from the arrays of ``key``, every array checked before it is used."""
+    raw = _load(record, key)
+    if raw.dtype != _WIRE_NUMPY[wire]:
+        what = "activations" if key == "acts" else "gradient"
+        raise PayloadError(
+            f"{what} must be {np.dtype(_WIRE_NUMPY[wire])} on the wire "
+            f"(payload-dtype={wire}), got {raw.dtype}"
+        )
+    tensor = torch.from_numpy(raw).to(device)
+    if wire == "bfloat16":
+        tensor = tensor.view(torch.bfloat16)
+    if wire == "int8":
+        if raw.ndim < 2:
+            raise PayloadError(f"{key!r} has shape {raw.shape}: expected (n, channels, ...)")
+        channels = raw.shape[1]
+        view = (1, channels) + (1,) * (raw.ndim - 2)
+        scale = _side(record, f"{key}.scale", channels, device)
+        if (scale < 0).any():
+            raise PayloadError(f"{key}.scale has negative entries")
+        zero = (
+            _side(record, f"{key}.zero", channels, device)
+            if f"{key}.zero" in record
+            else torch.zeros(channels, device=device)
+        )
+        tensor = (tensor.float() - zero.view(view)) * scale.view(view)
+    tensor = tensor.float()
+    if not torch.isfinite(tensor).all():
+        what = "activations" if key == "acts" else "gradient"
+        raise PayloadError(f"{what} contain NaN or infinite values")
+    return tensor
+
+
+def _side(record: ArrayRecord, key: str, channels: int, device: torch.device) -> torch.Tensor:
+    values = _load(record, key)
+    if values.dtype != np.float32 or values.shape != (channels,):
+        raise PayloadError(
+            f"{key} must be float32 of shape ({channels},), got {values.dtype}{values.shape}"
+        )
+    if not np.isfinite(values).all():
+        raise PayloadError(f"{key} contains NaN or infinite values")
+    return torch.from_numpy(values).to(device)
+
+
+def _safe(scale: torch.Tensor) -> torch.Tensor:
+    """A scale to divide by: a constant channel has scale 0 and quantises to its zero point."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """C order, on the CPU: the bytes that go on the wire."""
+    return t.contiguous().cpu().numpy()
 
 
 def encode_modules(modules: Mapping[str, nn.Module | None]) -> ArrayRecord:

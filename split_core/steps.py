@@ -40,6 +40,7 @@ def client_aux_step(
     y: torch.Tensor,
     compute: Compute,
     phases: Phases,
+    aux_weight: float = 1.0,
 ) -> tuple[torch.Tensor, StepResult]:
     """DSL client: learn from the auxiliary loss at the cut, then free the graph at once.
 
@@ -52,7 +53,7 @@ def client_aux_step(
         loss = F.cross_entropy(logits, y)
     t1 = compute.now()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if aux_weight == 1 else aux_weight * loss).backward()
     optimizer.step()
     t2 = compute.now()
     phases.forward += t1 - t0
@@ -61,14 +62,26 @@ def client_aux_step(
 
 
 def client_forward(
-    segment: nn.Module, x: torch.Tensor, compute: Compute, phases: Phases
-) -> torch.Tensor:
-    """CSL client: forward only; the returned activations keep their graph for the gradient."""
+    segment: nn.Module,
+    x: torch.Tensor,
+    compute: Compute,
+    phases: Phases,
+    aux_head: nn.Module | None = None,
+    y: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, StepResult | None]:
+    """Forward only; the activations (and the aux loss, with an aux head) keep their graph
+    for when the server's gradient arrives."""
     t0 = compute.now()
+    aux_loss = result = None
     with compute.autocast():
         acts = segment(x)
+        if aux_head is not None:
+            logits = aux_head(acts)
+            aux_loss = F.cross_entropy(logits, y)
+    if aux_loss is not None:
+        result = _result(aux_loss, logits, y)
     phases.forward += compute.now() - t0
-    return acts
+    return acts, aux_loss, result
 
 
 def client_backward(
@@ -77,11 +90,22 @@ def client_backward(
     optimizer: torch.optim.Optimizer,
     compute: Compute,
     phases: Phases,
+    aux_loss: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    aux_weight: float = 0.0,
 ) -> None:
-    """CSL client: chain rule from the server's dL/d(activations) through the kept graph."""
+    """Chain rule from the server's dL/d(acts) through the kept graph, then one step.
+
+    CSL: the gradient alone. DSL with feedback: ``aux_weight`` * grad(aux loss) + ``alpha`` *
+    the returned gradient's term, in one backward pass through the shared graph.
+    """
     t0 = compute.now()
     optimizer.zero_grad(set_to_none=True)
-    acts.backward(grad)
+    tensors, grads = [acts], [grad if alpha == 1 else alpha * grad]
+    if aux_loss is not None and aux_weight:
+        tensors.append(aux_loss)
+        grads.append(torch.tensor(aux_weight, dtype=aux_loss.dtype, device=aux_loss.device))
+    torch.autograd.backward(tensors, grads)
     optimizer.step()
     phases.backward += compute.now() - t0
 

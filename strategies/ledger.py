@@ -118,6 +118,7 @@ def round_record(
         "server_peak_rss_bytes": server_peaks["rss"],
         "client_peak_cuda_bytes": tl.client_peaks.get("peak-cuda-bytes", 0),
         "server_peak_cuda_bytes": server_peaks["cuda"],
+        "probe_dcor": _ratio(el.client.get("probe-dcor", 0.0), el.client.get("probe-count", 0)),
         "client_state_bytes": tl.client_peaks.get("state-bytes", 0),
         "client_live_max": tl.client_peaks.get("live-clients", 0),
         "client_rebuilds": int(c.get("rebuilt", 0)),

@@ -27,12 +27,14 @@ class Expected:
     device: torch.device
     train_examples: int
     global_weights: ArrayRecord | None = None
+    wire: str = "float32"
 
 
 @dataclass
 class Reply:
     metrics: dict[str, float]
     done: bool
+    awaits_gradient: bool = False
     acts: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     weights: dict[str, np.ndarray] | None = None
@@ -48,6 +50,11 @@ class Reply:
 def is_done(reply: Message) -> bool:
     """The client's own claim that it is finished, read safely (it decides whether to ask on)."""
     return bool(_metrics(reply).get("done", 0))
+
+
+def awaits_gradient(reply: Message) -> bool:
+    """The client's claim that its last batch waits for the server's gradient."""
+    return bool(_metrics(reply).get("awaits-gradient", 0))
 
 
 def parse_train(reply: Message, expected: Expected) -> Reply:
@@ -73,13 +80,15 @@ def _parse(reply: Message, expected: Expected) -> Reply:
     for key in ("num-examples", "done"):
         if key not in metrics:
             raise PayloadError(f"reply metrics lack {key!r}")
-    parsed = Reply(metrics, bool(metrics["done"]))
+    parsed = Reply(metrics, bool(metrics["done"]), bool(metrics.get("awaits-gradient", 0)))
     acts = _record(reply, "acts", required=False)
     if acts is not None:
-        parsed.bytes_activations = record_bytes(ArrayRecord({"acts": acts["acts"]}))
-        parsed.bytes_labels = record_bytes(acts) - parsed.bytes_activations
+        total = record_bytes(acts)  # every array is parsed here: garbage is a PayloadError
+        if "labels" in acts:
+            parsed.bytes_labels = record_bytes(ArrayRecord({"labels": acts["labels"]}))
+        parsed.bytes_activations = total - parsed.bytes_labels  # with int8's scales
         parsed.acts, parsed.labels = decode_activations(
-            acts, expected.shape, expected.num_classes, expected.device
+            acts, expected.shape, expected.num_classes, expected.device, expected.wire
         )
     if metrics["num-examples"] != parsed.examples:
         raise PayloadError(
@@ -107,8 +116,4 @@ def _record(reply: Message, key: str, required: bool = True) -> ArrayRecord | No
         return None
     if not isinstance(record, ArrayRecord):
         raise PayloadError(f"reply carries no {key!r} arrays")
-    if key == "acts" and set(record.keys()) != {"acts", "labels"}:
-        raise PayloadError(
-            f"activation payload has arrays {sorted(record.keys())}, expected ['acts', 'labels']"
-        )
     return record

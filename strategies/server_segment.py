@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
 from models import split_resnet
@@ -35,19 +38,27 @@ class ServerSegment:
             group["lr"] = lr
 
     def train_on(
-        self, acts: torch.Tensor, labels: torch.Tensor, phases: Phases, *, input_grad: bool
+        self,
+        acts: torch.Tensor,
+        labels: torch.Tensor,
+        phases: Phases,
+        needs_grad: Sequence[bool] | bool,
     ) -> tuple[StepResult, torch.Tensor | None]:
         """One SGD step per client mini-batch in the payload (DSL chunks carry many).
 
-        Returns summed loss and hits, and for methods that return it, dL/d(acts) of the batch.
+        Returns summed loss and hits, and dL/d(acts) of the batches flagged in ``needs_grad``
+        (one flag per batch, or one for all), concatenated; None if no batch needs it.
         """
+        size = self.cfg.batch_size
+        batches = math.ceil(len(labels) / size)
+        flags = [needs_grad] * batches if isinstance(needs_grad, bool) else list(needs_grad)
         total, grads = StepResult(0.0, 0), []
-        for start in range(0, len(labels), self.cfg.batch_size):
-            x = self.compute.tensor(acts[start : start + self.cfg.batch_size])
-            y = labels[start : start + self.cfg.batch_size]
+        for i, start in enumerate(range(0, len(labels), size)):
+            x = self.compute.tensor(acts[start : start + size])
+            y = labels[start : start + size]
             with self.meter.track():
                 result, grad = server_step(
-                    self.segment, self.optimizer, x, y, self.compute, phases, input_grad=input_grad
+                    self.segment, self.optimizer, x, y, self.compute, phases, input_grad=flags[i]
                 )
             total = StepResult(total.loss + result.loss * len(y), total.correct + result.correct)
             if grad is not None:

@@ -27,9 +27,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from models import cut_shape
+from split_core.compute import seeded_generator
 from split_core.config import RunConfig
 from split_core.metering import cuda_peak_bytes, peak_rss_bytes, reset_cuda_peak, reset_peak_rss
-from split_core.methods import METHODS, client_modules
+from split_core.methods import client_modules, make_method
 from split_core.payload import PayloadError, encode_gradient, encode_modules, record_bytes
 from strategies import lifecycle
 from strategies.aggregation import FedAvg
@@ -38,7 +39,14 @@ from strategies.exchange import Exchange, RunStopped
 from strategies.ledger import Ledger, Phase, round_record
 from strategies.nodes import SetupError, wait_for_nodes
 from strategies.progress import Progress
-from strategies.replies import Expected, is_done, parse_eval, parse_train
+from strategies.replies import (
+    Expected,
+    Reply,
+    awaits_gradient,
+    is_done,
+    parse_eval,
+    parse_train,
+)
 from strategies.roster import ClientInfo, Roster
 from strategies.server_segment import ServerSegment
 
@@ -57,7 +65,7 @@ class SplitLearningStrategy(Strategy):
         should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.method = METHODS[cfg.method]()
+        self.method = make_method(cfg)
         self.server = ServerSegment(cfg)
         self.shape = cut_shape(cfg.depth, cfg.cut)
         self.on_round, self.on_checkpoint = on_round, on_checkpoint
@@ -288,7 +296,7 @@ class SplitLearningStrategy(Strategy):
     # ------------------------------------------------------------------------------ rounds
     def train_round(self, grid: Grid, rnd: int, arrays: ArrayRecord) -> tuple[ArrayRecord, Phase]:
         """One epoch over every client's data; returns the FedAvg'd client weights."""
-        t0, lr = time.perf_counter(), self.cfg.lr_at(rnd)
+        cfg, t0, lr = self.cfg, time.perf_counter(), self.cfg.lr_at(rnd)
         self.server.set_lr(lr)
         config = ConfigRecord({"round": rnd, "lr": lr})
         ledger, fedavg, expected = Ledger(), FedAvg(arrays), self._expected(arrays)
@@ -296,35 +304,41 @@ class SplitLearningStrategy(Strategy):
         first = self.configure_train(rnd, arrays, config, grid)
         ledger.bytes["model_sync"] += record_bytes(arrays) * len(first)
 
+        seen: dict[int, int] = {}  # batches of each client consumed so far this round
+        partition = {c.node_id: c.partition_id for c in self.round_clients}
+
         def request_next(node: int, reply: Message) -> Message | None:
-            """DSL: ask for the next chunk at once; the client computes while the server trains."""
-            if self.method.returns_gradient or is_done(reply):
+            """Ask for the next chunk at once, so the client computes while the server trains;
+            a client that waits for a gradient gets its next request with that gradient."""
+            if is_done(reply) or awaits_gradient(reply):
                 return None
             return _message(node, "train.forward", RecordDict({"config": config}))
 
         def consume(node: int, reply: Message) -> tuple[Message | None, bool]:
             parsed = parse_train(reply, expected[node])  # raises before anything is touched
-            ledger.add_reply(parsed)
             follow_up = None
             if parsed.acts is not None:
+                first = seen.get(node, 0)
+                flags = self._gradient_flags(first, parsed)
+                ledger.add_reply(parsed)
                 result, grad = self.server.train_on(
-                    parsed.acts,
-                    parsed.labels,
-                    ledger.phases,
-                    input_grad=self.method.returns_gradient,
+                    parsed.acts, parsed.labels, ledger.phases, flags
                 )
-                batches = math.ceil(parsed.examples / self.cfg.batch_size)
-                ledger.add_server(result, parsed.examples, batches)
-                progress.add(batches, parsed.examples)
-                if grad is not None:  # CSL: the one message DSL never sends
-                    record = encode_gradient(grad, self.cfg.payload_dtype)
+                seen[node] = first + len(flags)
+                ledger.add_server(result, parsed.examples, len(flags))
+                progress.add(len(flags), parsed.examples)
+                if grad is not None:  # the one message pure DSL never sends
+                    rounding = seeded_generator(cfg.seed, rnd, partition[node], seen[node])
+                    record = encode_gradient(grad, cfg.payload_dtype, rounding)
                     ledger.bytes["gradients"] += record_bytes(record)
                     content = RecordDict({"grad": record, "config": config})
                     follow_up = _message(node, "train.backward", content)
+            elif not parsed.done:
+                raise PayloadError("reply carries neither activations nor the final weights")
+            else:
+                ledger.add_reply(parsed)
             if parsed.done:
                 fedavg.add(parsed.weights, parsed.metrics["epoch-examples"])
-            elif follow_up is None and self.method.returns_gradient:
-                raise PayloadError("reply carries neither activations nor the final weights")
             return follow_up, parsed.done
 
         report = self._exchange(grid).run(first, request_next=request_next, consume=consume)
@@ -383,10 +397,27 @@ class SplitLearningStrategy(Strategy):
             should_stop=self.should_stop,
         )
 
+    def _gradient_flags(self, first: int, parsed: Reply) -> list[bool]:
+        """Which batches of this payload get dL/d(acts) back: the method decides, by the
+        batch's index in the epoch. A chunk must end at such a batch, where its client waits."""
+        batches = math.ceil(parsed.examples / self.cfg.batch_size)
+        flags = [self.method.needs_gradient(first + i) for i in range(batches)]
+        if any(flags[:-1]) or flags[-1] != parsed.awaits_gradient:
+            raise PayloadError(
+                f"batches {first}..{first + batches - 1}: the chunk does not end where "
+                f"{self.method.name} returns a gradient (awaits-gradient={parsed.awaits_gradient})"
+            )
+        return flags
+
     def _expected(self, arrays: ArrayRecord | None) -> dict[int, Expected]:
         return {
             c.node_id: Expected(
-                self.shape, self.cfg.num_classes, self.server.device, c.train_examples, arrays
+                self.shape,
+                self.cfg.num_classes,
+                self.server.device,
+                c.train_examples,
+                arrays,
+                self.cfg.payload_dtype,
             )
             for c in self.roster.clients
         }

@@ -107,7 +107,7 @@ def _server_gradient(server: ServerSegment, reply: RecordDict, cfg: RunConfig):
     acts, labels = decode_activations(
         reply["acts"], cut_shape(cfg.depth, cfg.cut), cfg.num_classes, server.device
     )
-    _, grad = server.train_on(acts, labels, Phases(), input_grad=True)
+    _, grad = server.train_on(acts, labels, Phases(), needs_grad=True)
     assert grad is not None and grad.shape == acts.shape
     return encode_gradient(grad, "float32")
 
@@ -317,14 +317,16 @@ def test_dsl_chunk_of_exactly_two_batches_and_float16() -> None:
 
 
 def test_csl_carries_one_batch() -> None:
-    """CSL needs the gradient of each batch before the next: one batch per message."""
+    """CSL needs the gradient of each batch before the next: one batch per message, though
+    two would fit in chunk-mib."""
     chunk_mib = 2.5 * BATCH * BYTES_PER_SAMPLE / 2**20
     cfg = _cfg("csl", **{"chunk-mib": chunk_mib})
     client = SplitClient.create(cfg, 0, 1, cfg.data_dir)
-    assert client.batches_per_message() == 1
+    assert client.batches_per_message() == 2
     reply = client.train(_first(client))
     assert reply["metrics"]["num-examples"] == BATCH
     assert reply["acts"]["acts"].shape[0] == BATCH
+    assert reply["metrics"]["awaits-gradient"] == 1 and client.pending == 0
 
 
 # -------------------------------------------------------------------------------- evaluate

@@ -77,7 +77,7 @@ def test_bfloat16_csl_recompute_is_exact():
     server = ServerSegment(cfg)
     acts = torch.from_numpy(reply["acts"]["acts"].numpy())
     labels = torch.from_numpy(reply["acts"]["labels"].numpy().astype(np.int64))
-    _, grad = server.train_on(acts, labels, Phases(), input_grad=True)
+    _, grad = server.train_on(acts, labels, Phases(), needs_grad=True)
     request = RecordDict({"grad": encode_gradient(grad, "float32"), "config": _first(a)["config"]})
     reply_a, reply_b = a.train(request), b.train(request)
     assert reply_b["metrics"]["recomputes"] == 1

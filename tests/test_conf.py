@@ -41,7 +41,7 @@ def test_every_group_option_composes_into_a_valid_run_config():
 
 
 def test_experiment_presets_exist():
-    assert EXPERIMENTS == ["cpu_compare", "paper_cifar10", "paper_cifar100"]
+    assert EXPERIMENTS == ["cpu_compare", "full_data", "paper_cifar10", "paper_cifar100"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -73,3 +73,17 @@ def test_cpu_compare_is_resnet20_two_cuts_k_1_2():
     assert cfg.run_config.depth == 20 and cfg.run_config.dataset == "cifar10"
     assert str(cfg.hydra.sweeper.params.split) == "cut3,cut6"
     assert str(cfg.hydra.sweeper.params.num_clients) == "1,2"
+
+
+def test_full_data_is_resnet20_all_images_30_epochs_with_the_issue_schedule():
+    cfg = compose_config("+experiment=full_data", hydra=True)
+    rc = RunConfig.from_run_config(OmegaConf.to_container(cfg.run_config))
+    assert (rc.depth, rc.cut, rc.samples_per_client, rc.test_samples) == (20, 3, 0, 0)
+    assert (rc.num_rounds, rc.batch_size, rc.weight_decay) == (30, 128, 1e-4)
+    # lr 0.1, divided by 10 at epochs 15 and 23 (0-based), i.e. from rounds 16 and 24
+    lrs = [rc.lr_at(r) for r in range(1, 31)]
+    assert (
+        lrs[:15] == [0.1] * 15 and lrs[15] == pytest.approx(0.01) and lrs[22] == pytest.approx(0.01)
+    )
+    assert lrs[23] == pytest.approx(0.001) and lrs[29] == pytest.approx(0.001)
+    assert str(cfg.hydra.sweeper.params.num_clients) == "1,5"

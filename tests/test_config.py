@@ -73,7 +73,16 @@ def test_overrides_are_applied() -> None:
         ({"dataset": "mnist"}, "dataset 'mnist' is not one of ['cifar10', 'cifar100']"),
         ({"partition": "shards"}, "partition 'shards' not in ('iid', 'dirichlet')"),
         ({"lr-schedule": "cosine"}, "lr-schedule 'cosine' not in ('constant', 'step')"),
-        ({"payload-dtype": "int8"}, "payload-dtype 'int8' not in ('float32', 'float16')"),
+        (
+            {"payload-dtype": "int4"},
+            "payload-dtype 'int4' not in ('float32', 'float16', 'bfloat16', 'int8')",
+        ),
+        (
+            {"feedback-every": 2, "method": "csl"},
+            "feedback-every applies to method 'dsl', not 'csl'",
+        ),
+        ({"feedback-every": -1}, "feedback-every must be >= 0 (0 = pure DSL)"),
+        ({"aux-weight": -0.5}, "aux-weight must be >= 0, got -0.5"),
         (
             {"depth": 21},
             "depth must be 6n+2 with n >= 1 (8, 20, 32, 56, 110, ...), got 21",

@@ -45,6 +45,7 @@ def test_real_run_writes_contract_and_learns(runs, method):
         assert r["client_peak_saved_bytes"] > 0 and r["server_peak_saved_bytes"] > 0
         assert r["client_peak_rss_bytes"] > 0 and r["server_peak_rss_bytes"] > 0
         assert r["round_seconds"] > 0 and r["client_compute_seconds"] > 0
+        assert 0.0 < r["probe_dcor"] <= 1.0  # the privacy lens, for both methods
     assert (rounds[-1]["aux_test_accuracy"] is None) == (method == "csl")
     config = (run_dir / "config.json").read_text()
     assert f'"method": "{method}"' in config

@@ -89,7 +89,7 @@ def absurd_examples(reply):
 BREAKAGES = {  # partition -> (what it does to its 2nd training reply, the reason expected)
     1: (truncated, "array 'acts' cannot be decoded"),
     2: (garbage, "is not a valid .npy blob"),
-    3: (wrong_dtype, "activations must be floating point, got int32"),
+    3: (wrong_dtype, "activations must be float32 on the wire (payload-dtype=float32), got int32"),
     4: (wrong_shape, "activations have shape (32, 8, 32, 64), expected (n>0, 16, 32, 32)"),
     5: (nan, "activations contain NaN or infinite values"),
     6: (inf, "activations contain NaN or infinite values"),

@@ -28,7 +28,7 @@ def test_notebook_runs_and_plots(tmp_path, monkeypatch):
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 4  # Figs. 4-7, each shown once
+    assert len(images) == 5  # Figs. 4-7 and the dCor probe, each shown once
     markdown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
     assert (
         len(markdown) == 1

@@ -122,7 +122,7 @@ def test_activations_round_trip_float16() -> None:
     record = encode_activations(acts, labels, "float16")
     assert record["acts"].dtype == "float16"
     assert array_bytes(record["acts"]) == 3 * 16 * 32 * 32 * 2
-    got, got_labels = decode_activations(record, SHAPE, 10, CPU)
+    got, got_labels = decode_activations(record, SHAPE, 10, CPU, "float16")
     assert got.dtype == torch.float32
     assert torch.equal(got, acts.half().float())
     assert not torch.equal(got, acts)  # rounding really happened
@@ -171,18 +171,20 @@ def test_missing_record() -> None:
 
 
 def test_missing_labels() -> None:
-    assert _decode_error(_record(_good_acts(), None)) == "activation payload lacks ['labels']"
+    message = _decode_error(_record(_good_acts(), None))
+    assert message == "activation payload has arrays ['acts'], expected ['acts', 'labels']"
 
 
 def test_missing_acts() -> None:
     record = ArrayRecord({"labels": Array(np.zeros(2, np.uint8))})
-    assert _decode_error(record) == "activation payload lacks ['acts']"
+    message = _decode_error(record)
+    assert message == "activation payload has arrays ['labels'], expected ['acts', 'labels']"
 
 
 def test_integer_activations() -> None:
     acts = np.ones((2, *SHAPE), dtype=np.int32)
     message = _decode_error(_record(acts, np.zeros(2, np.uint8)))
-    assert message == "activations must be floating point, got int32"
+    assert message == "activations must be float32 on the wire (payload-dtype=float32), got int32"
 
 
 @pytest.mark.parametrize(
@@ -230,12 +232,12 @@ def test_non_finite_activations(bad: float) -> None:
     assert message == "activations contain NaN or infinite values"
 
 
-def test_float64_overflowing_float32_is_caught() -> None:
-    """1e300 is finite in float64 but infinite once the server casts it to float32."""
+def test_float64_is_not_the_wire_format() -> None:
+    """A client may not send more bytes than payload-dtype says (nor 1e300, infinite in float32)."""
     acts = _good_acts(2).astype(np.float64)
     acts[0, 0, 0, 0] = 1e300
     message = _decode_error(_record(acts, np.array([1, 2], np.uint8)))
-    assert message == "activations contain NaN or infinite values"
+    assert message == "activations must be float32 on the wire (payload-dtype=float32), got float64"
 
 
 def test_corrupt_bytes() -> None:
@@ -257,7 +259,7 @@ def test_malformed_payload_leaves_server_model_untouched() -> None:
 
     def step(record: ArrayRecord) -> None:  # the strategy's path: decode, then train_on
         acts, labels = decode_activations(record, shape, cfg.num_classes, server.device)
-        server.train_on(acts, labels, Phases(), input_grad=False)
+        server.train_on(acts, labels, Phases(), needs_grad=False)
 
     acts = _good_acts(4)
     acts[2, 0, 0, 0] = np.nan
@@ -286,7 +288,7 @@ def test_gradient_round_trip(wire: str) -> None:
     like = torch.zeros(3, *SHAPE)
     record = encode_gradient(grad, wire)
     assert array_bytes(record["grad"]) == 3 * 16 * 32 * 32 * (4 if wire == "float32" else 2)
-    got = decode_gradient(record, like)
+    got = decode_gradient(record, like, wire)
     assert got.dtype == like.dtype and got.shape == like.shape
     expected = grad if wire == "float32" else grad.half().float()
     assert torch.equal(got, expected)
@@ -304,7 +306,7 @@ def test_gradient_shape_mismatch() -> None:
 def test_gradient_missing() -> None:
     with pytest.raises(PayloadError) as info:
         decode_gradient(ArrayRecord(), torch.zeros(2, *SHAPE))
-    assert str(info.value).startswith("array 'grad' cannot be decoded")
+    assert str(info.value) == "gradient payload has arrays [], expected ['grad']"
 
 
 # ---------------------------------------------------------------------------------- modules
@@ -448,3 +450,102 @@ def test_client_weights_with_other_keys_are_rejected(extra_in: int) -> None:
     with pytest.raises(PayloadError) as info:
         check_weights(records[0], records[1])
     assert str(info.value) == "client weights disagree with the global model in keys ['v']"
+
+
+# ---------------------------------------------------------------------------- wire formats
+def _relu_acts(n: int = 4, seed: int = 5) -> torch.Tensor:
+    """Cut activations follow a ReLU: non-negative, most channels with a different range."""
+    x = torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
+    return torch.relu(x * torch.linspace(0.1, 4.0, SHAPE[0])[None, :, None, None])
+
+
+def test_bfloat16_wire_is_two_bytes_and_exact_bfloat16():
+    acts = _relu_acts()
+    record = encode_activations(acts, torch.arange(4), "bfloat16")
+    assert record["acts"].dtype == "int16"  # bfloat16's bits; numpy has no bfloat16
+    assert array_bytes(record["acts"]) == 4 * 16 * 32 * 32 * 2
+    got, _ = decode_activations(record, SHAPE, 10, CPU, "bfloat16")
+    assert torch.equal(got, acts.bfloat16().float())
+
+
+def test_int8_activations_are_one_byte_per_value_plus_per_channel_scales():
+    acts = _relu_acts()
+    record = encode_activations(acts, torch.arange(4), "int8")
+    assert sorted(record.keys()) == ["acts", "acts.scale", "acts.zero", "labels"]
+    assert array_bytes(record["acts"]) == 4 * 16 * 32 * 32
+    assert array_bytes(record["acts.scale"]) == array_bytes(record["acts.zero"]) == 16 * 4
+    got, _ = decode_activations(record, SHAPE, 10, CPU, "int8")
+    # per channel, the error is at most half a step of that channel's range / 255
+    step = (acts.amax(dim=(0, 2, 3)) - acts.amin(dim=(0, 2, 3))) / 255
+    error = (got - acts).abs().amax(dim=(0, 2, 3))
+    assert torch.all(error <= step / 2 + 1e-6)
+    assert torch.all(error > 0)  # really quantised
+
+
+def test_int8_constant_channel_decodes_to_its_value():
+    acts = _relu_acts()
+    acts[:, 3] = 0.0
+    got, _ = decode_activations(
+        encode_activations(acts, torch.arange(4), "int8"), SHAPE, 10, CPU, "int8"
+    )
+    assert torch.equal(got[:, 3], torch.zeros_like(got[:, 3]))
+
+
+def test_int8_gradient_is_symmetric_and_unbiased():
+    """Stochastic rounding: each value rounds up with the probability of its fraction, so the
+    mean of many quantisations converges to the gradient; zero stays exactly zero."""
+    grad = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(7)) * 1e-3
+    grad[0, 0, 0, :4] = 0.0
+    record = encode_gradient(grad, "int8", torch.Generator().manual_seed(0))
+    assert sorted(record.keys()) == ["grad", "grad.scale"]
+    assert record["grad"].numpy().min() >= -127
+    one = decode_gradient(record, grad, "int8")
+    assert torch.equal(one[0, 0, 0, :4], torch.zeros(4))
+    mean = torch.stack(
+        [
+            decode_gradient(
+                encode_gradient(grad, "int8", torch.Generator().manual_seed(s)), grad, "int8"
+            )
+            for s in range(200)
+        ]
+    ).mean(0)
+    step = grad.abs().amax(dim=(0, 2, 3)).max() / 127
+    assert (mean - grad).abs().max() < step * 0.35  # one draw errs by up to a whole step
+    assert (one - grad).abs().max() > step * 0.5
+
+
+def test_int8_gradient_rounding_is_reproducible():
+    grad = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(8))
+    a = encode_gradient(grad, "int8", torch.Generator().manual_seed(3))
+    b = encode_gradient(grad, "int8", torch.Generator().manual_seed(3))
+    assert np.array_equal(a["grad"].numpy(), b["grad"].numpy())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda r: r.__setitem__("acts.scale", Array(-np.ones(16, np.float32))),
+            "acts.scale has negative entries",
+        ),
+        (
+            lambda r: r.__setitem__("acts.scale", Array(np.ones(15, np.float32))),
+            "acts.scale must be float32 of shape (16,), got float32(15,)",
+        ),
+        (
+            lambda r: r.__setitem__("acts.zero", Array(np.full(16, np.nan, np.float32))),
+            "acts.zero contains NaN or infinite values",
+        ),
+        (
+            lambda r: r.__delitem__("acts.zero"),
+            "activation payload has arrays ['acts', 'acts.scale', 'labels'], "
+            "expected ['acts', 'acts.scale', 'acts.zero', 'labels']",
+        ),
+    ],
+)
+def test_int8_side_arrays_are_checked(change, message):
+    record = encode_activations(_relu_acts(2), torch.arange(2), "int8")
+    change(record)
+    with pytest.raises(PayloadError) as info:
+        decode_activations(record, SHAPE, 10, CPU, "int8")
+    assert str(info.value) == message

@@ -49,7 +49,8 @@ def test_sweep_runs_every_job_reports_failures_and_feeds_the_report(tmp_path):
     runs = load_runs(sweep_dir)
     assert sorted(r.method for r in runs) == ["csl", "dsl"]
     written = make_report(sweep_dir, tmp_path / "report")
-    for name in ("fig4_accuracy.png", "fig5_communication.png", "fig6_memory.png", "fig7_time.png"):
+    figures = ("fig4_accuracy", "fig5_communication", "fig6_memory", "fig7_time", "fig8_probe_dcor")
+    for name in (f"{f}.png" for f in figures):
         assert written[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = written["table.md"].read_text()
     row = next(line for line in table.splitlines() if "ResNet-8 cut 1 K=2" in line)

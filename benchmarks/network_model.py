@@ -1,0 +1,210 @@
+"""Epoch time against link bandwidth and latency, for CSL, DSL, DSL-int8 and DSL with feedback.
+
+    python benchmarks/network_model.py RESULTS_DIR [--out docs/network_model.png]
+    python benchmarks/network_model.py RESULTS_DIR --validate --latency 0.05 --bandwidth 1e9
+
+RESULTS_DIR holds one CSL and one DSL run of the same setting (``rounds.jsonl`` +
+``config.json``, e.g. two `flwr run` results or a sweep). From them the model takes what was
+measured per mini-batch: client and server compute seconds, activation and gradient bytes, and
+how many batches ride in one message. A link is a one-way latency L (seconds per message,
+everything a message costs besides its bytes) and a bandwidth B (bytes per second), the same for
+every client; the server is shared.
+
+Per epoch, with n batches per client, K clients, m batches per DSL message, c the client's
+compute per batch, s the server's, a and g the bytes of a batch's activations and gradient:
+
+  CSL           each batch is a round trip:    n (c_fwd + a/B + L + s + g/B + L + c_bwd)
+  DSL           one way, pipelined:            n/m (m c + m a/B + 2L) + m s   (the request for
+                the next chunk leaves when a chunk arrives: 2L per chunk; the server trains the
+                last chunk after it lands)
+  DSL-int8      DSL with a/4 (per-channel int8, scales negligible)
+  DSL-fb(k)     every k-th batch waits for its gradient: n/k (k c + k a/B + L + k s + g/B + L)
+
+and the epoch can never be shorter than the server's work, K n s, nor than the clients' work
+shared by the ``--workers`` that run them, K n c / workers. Each method's time is the largest
+of the three. ``--validate`` predicts the measured runs themselves from a measured link
+(``benchmarks/link_probe.py`` for the simulation engine) and prints the error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from flower_app.results import read_rounds
+
+METHODS = ("CSL", "DSL", "DSL-int8", "DSL-fb(2)")
+COLORS = {"CSL": "tab:blue", "DSL": "tab:orange", "DSL-int8": "tab:green", "DSL-fb(2)": "tab:red"}
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Per-batch costs of one run, averaged over its rounds."""
+
+    method: str
+    clients: int
+    batches: float  # per client per epoch
+    client_forward: float  # seconds per batch
+    client_backward: float
+    server: float
+    act_bytes: float  # per batch, labels included
+    grad_bytes: float  # per batch that gets one back
+    per_message: float  # batches per training message (DSL chunks)
+    epoch_seconds: float  # measured: mean train_seconds
+
+    @property
+    def client(self) -> float:
+        return self.client_forward + self.client_backward
+
+    @classmethod
+    def from_run(cls, run_dir: Path) -> Measured:
+        config = json.loads((run_dir / "config.json").read_text())
+        rc, rounds = config["run_config"], read_rounds(run_dir)
+        k = len(config["clients"])
+        per_client = [math.ceil(c["train_examples"] / rc["batch-size"]) for c in config["clients"]]
+        total = sum(per_client)
+
+        def mean(key: str) -> float:
+            return float(np.mean([r[key] for r in rounds]))
+
+        grad_batches = total if rc["method"] == "csl" else 0
+        if rc["method"] == "dsl" and rc.get("feedback-every", 0):
+            grad_batches = sum(n // rc["feedback-every"] for n in per_client)
+        return cls(
+            method=rc["method"],
+            clients=k,
+            batches=total / k,
+            client_forward=mean("client_forward_seconds") / total,
+            client_backward=mean("client_backward_seconds") / total,
+            server=mean("server_compute_seconds") / total,
+            act_bytes=(mean("bytes_activations") + mean("bytes_labels")) / total,
+            grad_bytes=mean("bytes_gradients") / grad_batches if grad_batches else 0.0,
+            per_message=max(1.0, total / max(mean("train_messages"), 1)),
+            epoch_seconds=mean("train_seconds"),
+        )
+
+
+@dataclass(frozen=True)
+class Link:
+    latency: float  # seconds, one way, per message
+    bandwidth: float  # bytes per second
+
+
+def epoch_seconds(method: str, csl: Measured, dsl: Measured, link: Link, workers: int) -> float:
+    L, B = link.latency, link.bandwidth  # noqa: N806 - the symbols of the docstring
+    if method == "CSL":
+        m = csl
+        chain = m.batches * (
+            m.client_forward
+            + m.act_bytes / B
+            + L
+            + m.server
+            + m.grad_bytes / B
+            + L
+            + m.client_backward
+        )
+    elif method.startswith("DSL-fb"):
+        k, m = int(method[7:-1]), dsl
+        grad = csl.grad_bytes  # a gradient is as big as its batch's activations
+        group = k * m.client + k * m.act_bytes / B + L + k * m.server + grad / B + L
+        chain = m.batches / k * group
+    else:
+        m = dsl if method == "DSL" else replace(dsl, act_bytes=dsl.act_bytes / 4)
+        chunk = m.per_message
+        chain = m.batches / chunk * (chunk * m.client + chunk * m.act_bytes / B + 2 * L)
+        chain += chunk * m.server
+    server_bound = m.clients * m.batches * m.server
+    client_bound = m.clients * m.batches * m.client / max(1, min(workers, m.clients))
+    return max(chain, server_bound, client_bound)
+
+
+def load(results: Path) -> tuple[Measured, Measured]:
+    runs = {}
+    for path in sorted(results.rglob("rounds.jsonl")):
+        measured = Measured.from_run(path.parent)
+        runs.setdefault(measured.method, measured)
+    missing = {"csl", "dsl"} - set(runs)
+    if missing:
+        raise SystemExit(f"{results} lacks a run of {sorted(missing)}")
+    return runs["csl"], runs["dsl"]
+
+
+def plot(csl: Measured, dsl: Measured, workers: int, latencies: list[float], out: Path) -> None:
+    bandwidths = np.logspace(5, 10, 200)  # 0.8 Mbit/s .. 80 Gbit/s
+    fig = Figure(figsize=(5 * len(latencies), 3.8), layout="tight")
+    axes = fig.subplots(1, len(latencies), squeeze=False)[0]
+    for ax, latency in zip(axes, latencies, strict=True):
+        for method in METHODS:
+            times = [epoch_seconds(method, csl, dsl, Link(latency, b), workers) for b in bandwidths]
+            ax.loglog(bandwidths * 8 / 1e6, times, label=method, color=COLORS[method])
+        ax.set_title(f"latency {1000 * latency:g} ms per message", fontsize=9)
+        ax.set_xlabel("bandwidth per client (Mbit/s)")
+        ax.set_ylabel("epoch time (s)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.savefig(out, dpi=120)
+
+
+def winners(csl: Measured, dsl: Measured, workers: int, latency: float) -> list[str]:
+    """Which method is fastest over which bandwidths, at one latency."""
+    lines, current, start = [], None, None
+    bandwidths = np.logspace(5, 10, 400)
+    for b in bandwidths:
+        times = {m: epoch_seconds(m, csl, dsl, Link(latency, b), workers) for m in METHODS}
+        best = min(times, key=times.get)
+        if best != current:
+            if current is not None:
+                lines.append(f"  {current:10} from {_rate(start)} to {_rate(b)}")
+            current, start = best, b
+    lines.append(f"  {current:10} from {_rate(start)} up")
+    return lines
+
+
+def _rate(bytes_per_s: float) -> str:
+    bits = bytes_per_s * 8
+    return f"{bits / 1e9:.2f} Gbit/s" if bits >= 1e9 else f"{bits / 1e6:.1f} Mbit/s"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--workers", type=int, default=1, help="clients that compute at once")
+    parser.add_argument("--latencies", type=float, nargs="+", default=[0.001, 0.03])
+    parser.add_argument("--out", type=Path, default=Path("network_model.png"))
+    parser.add_argument("--validate", action="store_true")
+    parser.add_argument("--latency", type=float, help="measured link, for --validate")
+    parser.add_argument("--bandwidth", type=float, help="measured link, bytes/s")
+    args = parser.parse_args()
+    csl, dsl = load(args.results)
+    for m in (csl, dsl):
+        print(
+            f"{m.method.upper()}: K={m.clients}, {m.batches:.0f} batches/client, client "
+            f"{1000 * m.client:.1f} ms, server {1000 * m.server:.1f} ms, "
+            f"acts {m.act_bytes / 1e6:.2f} MB, grad {m.grad_bytes / 1e6:.2f} MB per batch, "
+            f"{m.per_message:.1f} batches/message"
+        )
+    if args.validate:
+        link = Link(args.latency, args.bandwidth)
+        for name, m in (("CSL", csl), ("DSL", dsl)):
+            predicted = epoch_seconds(name, csl, dsl, link, args.workers)
+            error = predicted / m.epoch_seconds - 1
+            print(
+                f"validate {name}: predicted {predicted:.2f} s, measured {m.epoch_seconds:.2f} s "
+                f"({100 * error:+.1f} %)"
+            )
+        return
+    plot(csl, dsl, args.workers, args.latencies, args.out)
+    print(f"plot: {args.out}")
+    for latency in args.latencies:
+        print(f"fastest at latency {1000 * latency:g} ms:")
+        print("\n".join(winners(csl, dsl, args.workers, latency)))
+
+
+if __name__ == "__main__":
+    main()
