@@ -51,6 +51,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(n: int) -> int:
+    """A port p with p .. p+n-1 all free on 127.0.0.1 (a SuperNode base port for n nodes)."""
+    for _ in range(100):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no block of {n} free ports on 127.0.0.1")
+
+
+def process_alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for its parent."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
     """Stop a process started in its own session, and its process group, by PID."""
     if proc.poll() is None:

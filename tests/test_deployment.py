@@ -37,7 +37,7 @@ import pytest
 import torch
 
 from flower_app import reference
-from flower_app.local_superlink import BIN, flower_env, free_port, stop_process
+from flower_app.local_superlink import BIN, flower_env, free_port, process_alive, stop_process
 from flower_app.results import read_rounds
 from models import cut_shape
 from split_core.config import RunConfig
@@ -166,14 +166,6 @@ def _descendants(pids: list[int]) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     with log.open("wb") as fh:
         return subprocess.Popen(
@@ -194,10 +186,10 @@ def _stop_all(procs: list[subprocess.Popen]) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + 5
-    while any(_alive(pid) for pid in spawned) and time.monotonic() < deadline:
+    while any(process_alive(pid) for pid in spawned) and time.monotonic() < deadline:
         time.sleep(0.2)
     for pid in spawned:
-        if _alive(pid):
+        if process_alive(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -1,0 +1,451 @@
+"""scripts/deploy_local.sh for real: TLS with SuperNode authentication, the insecure default, and
+the opt-in warm ClientApp executor (flower_app/warm_executor.py).
+
+Real processes on loopback, no mocks: each deployment gets free ports and a DEPLOY_DIR of its
+own, and is stopped by `scripts/deploy_local.sh stop` (by the PIDs it recorded) in its fixture's
+teardown, which then checks that every recorded PID is gone. `flwr run --stream` exits 0 even
+when the run fails, so runs are judged by their rounds.jsonl.
+
+The runs of the secure (stock executor) and the warm deployment must train the same model, bit
+for bit: the warm process keeps the app's clients live between messages, the stock path
+rebuilds them from `context.state` for every message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from flower_app.local_superlink import BIN, free_port, free_port_block, process_alive
+from flower_app.results import read_rounds
+from tests.conftest import ROOT, data_dir
+
+SCRIPT = ROOT / "scripts" / "deploy_local.sh"
+CONNECTION = "local-deployment"
+NODES = 2
+RUN_CONFIG = {
+    "depth": 8,
+    "cut": 1,
+    "batch-size": 32,
+    "lr": 0.05,
+    "samples-per-client": 64,
+    "test-samples": 64,
+    "num-rounds": 1,
+    "chunk-mib": 64.0,
+    "client-threads": 1,
+    "server-threads": 1,
+    "min-clients": NODES,
+    "checkpoint-every": 0,  # one message less per run: each costs seconds on the stock path
+}
+STOCK_MODELS: dict[str, Path] = {}  # method -> model.pt of the secure (stock executor) run
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+class Deployment:
+    """One `deploy_local.sh` deployment: its settings, files, and the commands run against it."""
+
+    def __init__(self, directory: Path, flags: list[str]) -> None:
+        self.dir, self.flags = directory, flags
+        self.port, self.base = free_port(), free_port_block(NODES)
+        self.home = directory / "flwr-home"
+        self.certs = directory / "certs"
+        self.env = os.environ | {
+            "DEPLOY_DIR": str(directory),
+            "SUPERLINK_PORT": str(self.port),
+            "SUPERNODE_BASE_PORT": str(self.base),
+            "DATA_DIR": data_dir(),
+            "FLOWER_BIN": str(BIN),
+            "FLWR_HOME": str(self.home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        }
+        self.recorded: dict[str, int] = {}
+        self.apps_run: set[Path] = set()
+
+    def script(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(SCRIPT), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def flwr(self, *args: str, home: Path | None = None, timeout: float = 60):
+        env = self.env | {"FLWR_HOME": str(home or self.home)}
+        return subprocess.run(
+            [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def pids(self) -> dict[str, int]:
+        pids_file = self.dir / "pids"
+        if not pids_file.exists():
+            return {}
+        return {
+            n: int(p)
+            for n, p in (line.split() for line in pids_file.read_text().split("\n") if line)
+        }
+
+    def online_nodes(self) -> list[str]:
+        proc = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return [n["node-id"] for n in json.loads(proc.stdout)["nodes"] if n["status"] == "online"]
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{_plain(p.read_text())[-2500:]}" for p in sorted(self.dir.glob("*.log"))
+        )
+
+    def run(self, app: Path, run_config: str, timeout: float = 600) -> tuple[str, float]:
+        start = time.monotonic()
+        proc = self.flwr(
+            "run", str(app), CONNECTION, "--stream", "--run-config", run_config, timeout=timeout
+        )
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-3000:]
+        self.apps_run.add(app)
+        return log, time.monotonic() - start
+
+    def run_apps(self, methods: list[str], out: Path) -> dict[str, dict]:
+        """One round of the split-learning app per method, one run after the other (at once,
+        they only compete for the 2 cores); returns each (checked) round record."""
+        tag = "-".join(f.strip("-") for f in self.flags) or "insecure"
+        records = {}
+        for method in methods:
+            name = f"{tag}-{method}"
+            config = RUN_CONFIG | {
+                "method": method,
+                "output-dir": str(out),
+                "run-name": name,
+                "data-dir": data_dir(),
+            }
+            log, seconds = self.run(
+                ROOT, " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+            )
+            rounds = read_rounds(out / name) if (out / name / "rounds.jsonl").exists() else []
+            assert len(rounds) == 1, log[-3000:] + self.logs()
+            r = rounds[0]
+            assert r["round"] == 1 and r["method"] == method
+            assert r["num_clients"] == NODES and r["failed_clients"] == 0, r["failures"]
+            assert r["train_examples"] == NODES * RUN_CONFIG["samples-per-client"]
+            print(f"\n[{name}] flwr run {seconds:.1f} s, round {r['round_seconds']:.1f} s")
+            records[method] = r | {"model": out / name / "model.pt"}
+        return records
+
+
+def _deploy(directory: Path, flags: list[str]):
+    """Start, yield, stop; the teardown checks every PID the script recorded is gone."""
+    dep = Deployment(directory, flags)
+    try:
+        started = dep.script("start", str(NODES), *flags)
+        dep.recorded = dep.pids()
+        if started.returncode != 0:
+            pytest.fail(f"start failed:\n{started.stdout}{started.stderr}\n{dep.logs()}")
+        assert "Run the app with:" in started.stdout
+        yield dep
+    finally:
+        stopped = dep.script("stop")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        left = [f"{n} {p}" for n, p in dep.recorded.items() if process_alive(p)]
+        assert not left, f"still running after stop: {left}"
+        assert not (directory / "pids").exists()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="class")
+def secure(tmp_path_factory: pytest.TempPathFactory):
+    yield from _deploy(tmp_path_factory.mktemp("secure"), ["--secure"])
+
+
+@pytest.fixture(scope="class")
+def warm(tmp_path_factory: pytest.TempPathFactory):
+    yield from _deploy(tmp_path_factory.mktemp("warm"), ["--warm"])
+
+
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+
+
+class TestSecure:
+    def test_certificates_keys_and_connection(self, secure: Deployment):
+        certs = secure.certs
+        for name in ("ca.crt", "ca.key", "server.pem", "server.key"):
+            assert (certs / name).stat().st_size > 0, name
+        for i in range(NODES):
+            assert (certs / f"supernode-{i}.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+            assert "PRIVATE KEY" in (certs / f"supernode-{i}").read_text()
+        verify = subprocess.run(
+            ["openssl", "verify", "-CAfile", str(certs / "ca.crt"), str(certs / "server.pem")],
+            capture_output=True,
+            text=True,
+        )
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        sans = subprocess.run(
+            [
+                "openssl",
+                "x509",
+                "-in",
+                str(certs / "server.pem"),
+                "-noout",
+                "-ext",
+                "subjectAltName",
+            ],
+            capture_output=True,
+            text=True,
+        ).stdout
+        assert all(s in sans for s in ("DNS:localhost", "IP Address:127.0.0.1", "IP Address:0:0"))
+
+        config = (secure.home / "config.toml").read_text()
+        assert f'root-certificates = "{certs / "ca.crt"}"' in config
+        assert Path(re.search(r'root-certificates = "(.+)"', config).group(1)).is_absolute()
+        assert "insecure" not in config
+        assert (secure.dir / "mode").read_text().split() == ["secure=1", "warm=0"]
+
+        pids = secure.pids()
+        assert list(pids) == ["superlink", *(f"supernode-{i}" for i in range(NODES))]
+        superlink = _cmdline(pids["superlink"])
+        for flag in (
+            "--ssl-ca-certfile",
+            "--ssl-certfile",
+            "--ssl-keyfile",
+            "--enable-supernode-auth",
+        ):
+            assert flag in superlink
+        assert "--insecure" not in superlink
+        for i in range(NODES):
+            cmd = _cmdline(pids[f"supernode-{i}"])
+            assert cmd[cmd.index("--root-certificates") + 1] == str(certs / "ca.crt")
+            key = cmd[cmd.index("--auth-supernode-private-key") + 1]
+            assert key == str(certs / f"supernode-{i}")
+        assert len(secure.online_nodes()) == NODES
+        status = secure.script("status")
+        assert "SuperLink health: ok" in status.stdout  # https, checked against ca.crt
+        assert (
+            "mode: secure=1 warm=0" in status.stdout
+            and _plain(status.stdout).count("online") == NODES
+        )
+
+    def test_plain_http_and_insecure_client_refused(self, secure: Deployment, tmp_path: Path):
+        ca = ssl.create_default_context(cafile=secure.certs / "ca.crt")
+        assert httpx.get(f"https://127.0.0.1:{secure.port}/health", verify=ca).is_success
+        with pytest.raises(httpx.HTTPError):  # plain HTTP to the TLS port
+            httpx.get(f"http://127.0.0.1:{secure.port}/health", timeout=10)
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(f"https://127.0.0.1:{secure.port}/health", timeout=10)  # system CAs only
+
+        # `flwr` with an `insecure = true` connection to the same SuperLink
+        (tmp_path / "config.toml").write_text(
+            f'[superlink]\ndefault = "plain"\n\n[superlink.plain]\n'
+            f'address = "127.0.0.1:{secure.port}"\ninsecure = true\n'
+        )
+        plain = secure.flwr("ls", "plain", home=tmp_path)
+        assert plain.returncode != 0
+        assert "Connection to the SuperLink is unavailable" in _plain(plain.stdout + plain.stderr)
+        assert secure.flwr("ls", CONNECTION).returncode == 0  # the CA-pinned connection works
+
+    def test_unregistered_supernode_refused(self, secure: Deployment, tmp_path: Path):
+        key = tmp_path / "rogue"
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(key)], check=True
+        )
+        log = tmp_path / "rogue.log"
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(
+                [
+                    str(BIN / "flower-supernode"),
+                    "--root-certificates", str(secure.certs / "ca.crt"),
+                    "--auth-supernode-private-key", str(key),
+                    "--superlink", f"127.0.0.1:{secure.port}",
+                    "--host", "127.0.0.1",
+                    "--port", str(free_port()),
+                    "--node-config", f"partition-id=0 num-partitions={NODES}",
+                ],
+                env=secure.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        try:
+            code = proc.wait(timeout=90)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        text = _plain(log.read_text())
+        # Flower logs its exit code (305) and exits with status 1.
+        assert code == 1, text[-2000:]
+        assert "Exit Code: 305" in text and "Failed to activate SuperNode" in text, text[-2000:]
+        assert len(secure.online_nodes()) == NODES  # the registered ones only
+
+    @pytest.mark.slow
+    def test_secure_runs(self, secure: Deployment, runs: Path):
+        """DSL and CSL end to end through TLS, with Flower's own executor."""
+        records = secure.run_apps(["dsl", "csl"], runs)
+        assert records["dsl"]["bytes_gradients"] == 0
+        assert records["csl"]["bytes_gradients"] == records["csl"]["bytes_activations"] > 0
+        STOCK_MODELS.update({m: r["model"] for m, r in records.items()})
+
+
+def test_insecure_start_status_stop(tmp_path: Path):
+    """`start 2` (no flags) is the loopback deployment it always was; status and stop work."""
+    gen = _deploy(tmp_path / "plain", [])
+    dep = next(gen)
+    try:
+        config = (dep.home / "config.toml").read_text()
+        assert "insecure = true" in config and "root-certificates" not in config
+        assert (dep.dir / "mode").read_text().split() == ["secure=0", "warm=0"]
+        assert not dep.certs.exists()
+        assert httpx.get(f"http://127.0.0.1:{dep.port}/health").is_success
+        pids = dep.pids()
+        for i in range(NODES):
+            cmd = _cmdline(pids[f"supernode-{i}"])
+            assert "--insecure" in cmd and "--isolation" not in cmd
+            assert cmd[1].endswith("flower-supernode")
+        status = dep.script("status")
+        assert "SuperLink health: ok" in status.stdout
+        assert "mode: secure=0 warm=0" in status.stdout
+        assert _plain(status.stdout).count("online") == NODES
+    finally:
+        next(gen, None)  # stop, and check every PID is gone
+    assert "not running" in dep.script("status").stdout
+
+
+PROBE_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "warm-probe"
+version = "0.1.0"
+dependencies = ["flwr==1.42.0"]
+
+[tool.flwr.app]
+publisher = "split-learning"
+
+[tool.flwr.app.components]
+serverapp = "warm_probe:server"
+clientapp = "warm_probe:client"
+
+[tool.flwr.app.config]
+out = ""
+"""
+
+PROBE_APP = '''\
+"""Asks each node for its ClientApp process id, makes its ClientApp raise, asks again."""
+
+import json
+import os
+import time
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+client = ClientApp()
+server = ServerApp()
+
+
+@client.query("boom")
+def boom(msg: Message, context: Context) -> Message:
+    raise ValueError("boom on purpose")
+
+
+@client.query("pid")
+def pid(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"c": ConfigRecord({"pid": os.getpid()})}), reply_to=msg)
+
+
+def ask(grid: Grid, node: int, mtype: str) -> Message:
+    ids = list(grid.push_messages([Message(RecordDict(), dst_node_id=node, message_type=mtype)]))
+    deadline = time.monotonic() + 120
+    while not (replies := list(grid.pull_messages(ids))):
+        if time.monotonic() > deadline:
+            raise TimeoutError(mtype)
+        time.sleep(0.01)
+    return replies[0]
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    while len(list(grid.get_node_ids())) < 2:
+        time.sleep(0.1)
+    out = {}
+    for node in sorted(grid.get_node_ids()):
+        before, err, after = (ask(grid, node, t) for t in ("query.pid", "query.boom", "query.pid"))
+        out[str(node)] = {
+            "pids": [r.content["c"]["pid"] for r in (before, after)],
+            "error": [int(err.error.code), err.error.reason] if err.has_error() else None,
+        }
+    with open(context.run_config["out"], "w") as fh:
+        json.dump(out, fh)
+'''
+
+
+class TestWarm:
+    @pytest.mark.slow
+    def test_warm_runs_equal_stock(self, warm: Deployment, runs: Path):
+        """The same models as the stock executor's runs, every message served by one process."""
+        records = warm.run_apps(["dsl", "csl"], runs)
+        for r in records.values():
+            assert r["client_rebuilds"] == 0  # the live clients were used: no rebuild from state
+        pids = warm.pids()
+        assert list(pids) == [
+            "superlink",
+            *(f"supernode-{i}" for i in range(NODES)),
+            *(f"warm-executor-{i}" for i in range(NODES)),
+        ]
+        assert pids == warm.recorded and all(process_alive(p) for p in pids.values())
+        for i in range(NODES):
+            supernode = _plain((warm.dir / f"supernode-{i}.log").read_text())
+            executor = _plain((warm.dir / f"warm-executor-{i}.log").read_text())
+            assert "Start `flwr-clientapp` process" not in supernode
+            served = len(re.findall(r"warm executor: message \d+ ", executor))
+            assert supernode.count("Receiving: ") == served > 0
+            assert "--isolation" in _cmdline(pids[f"supernode-{i}"])
+
+        missing = [m for m in records if m not in STOCK_MODELS]
+        if missing:
+            pytest.skip(f"no stock run of {missing} to compare with (test_secure_runs deselected)")
+        for method, r in records.items():
+            stock, ours = torch.load(STOCK_MODELS[method]), torch.load(r["model"])
+            for part in ("client", "server_segment"):
+                assert stock[part].keys() == ours[part].keys()
+                for key, value in stock[part].items():
+                    assert torch.equal(value, ours[part][key]), f"{method} {part}.{key}"
+
+    @pytest.mark.slow
+    def test_raising_app_and_app_change(self, warm: Deployment, tmp_path: Path):
+        """A ClientApp that raises gets an Error reply back and the process lives on; a run of
+        another app (another FAB) restarts the executor in place (same PID, fresh modules)."""
+        app = tmp_path / "probe"
+        app.mkdir()
+        (app / "pyproject.toml").write_text(PROBE_PYPROJECT)
+        (app / "warm_probe.py").write_text(PROBE_APP)
+        out = tmp_path / "probe.json"
+        app_changed = ROOT in warm.apps_run  # the executors hold the split-learning app
+        log, _ = warm.run(app, f"out='{out}'", timeout=300)
+        assert out.exists(), log[-3000:] + warm.logs()
+        result = json.loads(out.read_text())
+        executors = {warm.pids()[f"warm-executor-{i}"] for i in range(NODES)}
+        assert len(result) == NODES
+        for node in result.values():
+            assert node["error"][0] == 2  # ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+            assert "boom on purpose" in node["error"][1]
+            assert node["pids"][0] == node["pids"][1] and node["pids"][0] in executors
+        assert {n["pids"][0] for n in result.values()} == executors
+        for i in range(NODES):
+            executor = _plain((warm.dir / f"warm-executor-{i}.log").read_text())
+            assert "ValueError: boom on purpose" in executor
+            assert ("restarting, the app changed" in executor) == app_changed
