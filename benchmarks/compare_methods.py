@@ -47,6 +47,11 @@ def main(argv: list[str]) -> None:
                 "ref_total_s": ref_seconds,
                 "one_device_peak": max(h["combined_peak_saved_bytes"] for h in ref.history),
                 "flwr_epoch_s": sum(r["train_seconds"] for r in rounds) / len(rounds),
+                "flwr_server_s": _mean(rounds, "server_compute_seconds"),
+                "flwr_wait_s": _mean(rounds, "wait_seconds"),
+                "flwr_client_s": _mean(rounds, "client_compute_seconds"),
+                "flwr_client_data_s": _mean(rounds, "client_data_seconds"),
+                "flwr_messages": _mean(rounds, "train_messages"),
                 "bytes": sum(r["bytes_train_total"] for r in rounds) / len(rounds),
                 "grad_bytes": sum(r["bytes_gradients"] for r in rounds) / len(rounds),
                 "client_peak": max(r["client_peak_saved_bytes"] for r in rounds),
@@ -83,7 +88,20 @@ def main(argv: list[str]) -> None:
             f"Flower overhead {method.upper()}: epoch {r['flwr_epoch_s']:.2f} s vs "
             f"{r['ref_epoch_s']:.2f} s in process = x{r['flwr_epoch_s'] / r['ref_epoch_s']:.2f}"
         )
+    print("\nWhere a Flower epoch goes (server side; the client computes at the same time):")
+    for method, r in results.items():
+        rest = r["flwr_epoch_s"] - r["flwr_server_s"] - r["flwr_wait_s"]
+        print(
+            f"  {method.upper()}: server compute {r['flwr_server_s']:.2f} s, waiting for replies "
+            f"{r['flwr_wait_s']:.2f} s, decoding/bookkeeping {rest:.2f} s; client compute "
+            f"{r['flwr_client_s']:.2f} s (+ {r['flwr_client_data_s']:.2f} s data), "
+            f"{r['flwr_messages']:.0f} messages, in-process total {r['ref_epoch_s']:.2f} s"
+        )
     print(f"\nrun directories: {out}")
+
+
+def _mean(rounds: list[dict], key: str) -> float:
+    return sum(r[key] for r in rounds) / len(rounds)
 
 
 if __name__ == "__main__":

@@ -11,19 +11,25 @@ everything a message costs besides its bytes) and a bandwidth B (bytes per secon
 every client; the server is shared.
 
 Per epoch, with n batches per client, K clients, m batches per DSL message, c the client's
-compute per batch, s the server's, a and g the bytes of a batch's activations and gradient:
+compute per batch (building it included), s the server's, a and g the bytes of a batch's
+activations and gradient, and for every message a hop h = L + 2S/B + o_c + o_s (S: one node's
+context.state, which travels both ways with every message; o_c, o_s: what client and server
+spend per message besides computing, measured in the run):
 
-  CSL           each batch is a round trip:    n (c_fwd + a/B + L + s + g/B + L + c_bwd)
-  DSL           one way, pipelined:            n/m (m c + m a/B + 2L) + m s   (the request for
-                the next chunk leaves when a chunk arrives: 2L per chunk; the server trains the
-                last chunk after it lands)
+  CSL           each batch is a round trip:    n (c_fwd + a/B + s + g/B + c_bwd + L) + (n+1) h + 2L
+  DSL           one way, pipelined:            n/m (m c + m a/B + L + h - o_s) + m s  (the request
+                for the next chunk leaves when a chunk arrives; the server trains the last chunk
+                after it lands)
   DSL-int8      DSL with a/4 (per-channel int8, scales negligible)
-  DSL-fb(k)     every k-th batch waits for its gradient: n/k (k c + k a/B + L + k s + g/B + L)
+  DSL-fb(k)     every k-th batch waits for its gradient: n/k (k c + k a/B + k s + g/B + L + h)
 
-and the epoch can never be shorter than the server's work, K n s, nor than the clients' work
-shared by the ``--workers`` that run them, K n c / workers. Each method's time is the largest
-of the three. ``--validate`` predicts the measured runs themselves from a measured link
-(``benchmarks/link_probe.py`` for the simulation engine) and prints the error.
+and the epoch can never be shorter than the server's work, K n s + M o_s, nor than the clients'
+work shared by the ``--workers`` that run them, (K n c + M o_c + M L) / workers (a worker that
+serves several clients waits, once for each of the M messages, for the next request; with a
+worker per client that term is 0). Each method's time is the largest of the three.
+``--validate`` predicts the
+measured runs themselves from a measured link (``benchmarks/link_probe.py`` for the simulation
+engine, ``scripts/bench_messages.py`` for a deployment) and prints the error.
 """
 
 from __future__ import annotations
@@ -52,15 +58,21 @@ class Measured:
     batches: float  # per client per epoch
     client_forward: float  # seconds per batch
     client_backward: float
+    client_data: float  # building the batch (augmentation)
+    client_overhead: float  # per message: restore, decode, encode, save context.state
+    server_overhead: float  # per message: decode, validate, bookkeeping
+    state_bytes: float  # one node's context.state: it travels both ways with every message
     server: float
     act_bytes: float  # per batch, labels included
     grad_bytes: float  # per batch that gets one back
     per_message: float  # batches per training message (DSL chunks)
+
+    messages: float  # training messages per epoch, all clients
     epoch_seconds: float  # measured: mean train_seconds
 
     @property
     def client(self) -> float:
-        return self.client_forward + self.client_backward
+        return self.client_forward + self.client_backward + self.client_data
 
     @classmethod
     def from_run(cls, run_dir: Path) -> Measured:
@@ -82,10 +94,23 @@ class Measured:
             batches=total / k,
             client_forward=mean("client_forward_seconds") / total,
             client_backward=mean("client_backward_seconds") / total,
+            client_data=mean("client_data_seconds") / total,
+            client_overhead=(
+                mean("client_handler_seconds")
+                - mean("client_compute_seconds")
+                - mean("client_data_seconds")
+            )
+            / mean("train_messages"),
+            server_overhead=(
+                mean("train_seconds") - mean("server_compute_seconds") - mean("wait_seconds")
+            )
+            / mean("train_messages"),
+            state_bytes=mean("client_state_bytes"),
             server=mean("server_compute_seconds") / total,
             act_bytes=(mean("bytes_activations") + mean("bytes_labels")) / total,
             grad_bytes=mean("bytes_gradients") / grad_batches if grad_batches else 0.0,
             per_message=max(1.0, total / max(mean("train_messages"), 1)),
+            messages=mean("train_messages"),
             epoch_seconds=mean("train_seconds"),
         )
 
@@ -100,27 +125,31 @@ def epoch_seconds(method: str, csl: Measured, dsl: Measured, link: Link, workers
     L, B = link.latency, link.bandwidth  # noqa: N806 - the symbols of the docstring
     if method == "CSL":
         m = csl
-        chain = m.batches * (
-            m.client_forward
-            + m.act_bytes / B
-            + L
-            + m.server
-            + m.grad_bytes / B
-            + L
-            + m.client_backward
+        hop = L + m.state_bytes * 2 / B + m.client_overhead + m.server_overhead  # per message
+        chain = 2 * L + m.batches * (  # 2L: the first request, the last reply (the weights)
+            m.client_forward + m.act_bytes / B + m.server + m.grad_bytes / B + m.client_backward
         )
+        chain += (m.batches + 1) * hop + m.batches * L
     elif method.startswith("DSL-fb"):
         k, m = int(method[7:-1]), dsl
+        hop = L + m.state_bytes * 2 / B + m.client_overhead + m.server_overhead
         grad = csl.grad_bytes  # a gradient is as big as its batch's activations
-        group = k * m.client + k * m.act_bytes / B + L + k * m.server + grad / B + L
+        group = k * m.client + k * m.act_bytes / B + k * m.server + grad / B + L + hop
         chain = m.batches / k * group
     else:
         m = dsl if method == "DSL" else replace(dsl, act_bytes=dsl.act_bytes / 4)
         chunk = m.per_message
-        chain = m.batches / chunk * (chunk * m.client + chunk * m.act_bytes / B + 2 * L)
+        hop = L + m.state_bytes * 2 / B + m.client_overhead  # the server answers on arrival
+        chain = m.batches / chunk * (chunk * m.client + chunk * m.act_bytes / B + L + hop)
         chain += chunk * m.server
-    server_bound = m.clients * m.batches * m.server
-    client_bound = m.clients * m.batches * m.client / max(1, min(workers, m.clients))
+    messages = m.clients * m.batches / (1 if method == "CSL" else m.per_message)
+    server_bound = m.clients * m.batches * m.server + messages * m.server_overhead
+    # a worker shared by several clients also waits, once per message, for the next request
+    shared = workers < m.clients
+    client_work = m.clients * m.batches * m.client + messages * (
+        m.client_overhead + (L if shared else 0.0)
+    )
+    client_bound = client_work / max(1, min(workers, m.clients))
     return max(chain, server_bound, client_bound)
 
 
@@ -152,17 +181,17 @@ def plot(csl: Measured, dsl: Measured, workers: int, latencies: list[float], out
 
 
 def winners(csl: Measured, dsl: Measured, workers: int, latency: float) -> list[str]:
-    """Which method is fastest over which bandwidths, at one latency."""
+    """Which methods are fastest (within 1 %) over which bandwidths, at one latency."""
     lines, current, start = [], None, None
-    bandwidths = np.logspace(5, 10, 400)
-    for b in bandwidths:
+    for b in np.logspace(5, 10, 400):
         times = {m: epoch_seconds(m, csl, dsl, Link(latency, b), workers) for m in METHODS}
-        best = min(times, key=times.get)
-        if best != current:
+        best = min(times.values())
+        tied = " = ".join(m for m in METHODS if times[m] <= best * 1.01)
+        if tied != current:
             if current is not None:
-                lines.append(f"  {current:10} from {_rate(start)} to {_rate(b)}")
-            current, start = best, b
-    lines.append(f"  {current:10} from {_rate(start)} up")
+                lines.append(f"  {current:24} from {_rate(start)} to {_rate(b)}")
+            current, start = tied, b
+    lines.append(f"  {current:24} from {_rate(start)} up")
     return lines
 
 

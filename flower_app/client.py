@@ -222,6 +222,18 @@ class SplitClient:
         server's gradient (every batch in CSL), since the client must wait for it."""
         return max(1, self._samples_per_message() // self.cfg.batch_size)
 
+    def chunk_budget(self, cursor: int) -> int:
+        """Batches the message that starts at ``cursor`` may carry.
+
+        With ``chunk-taper`` the last chunks of an epoch halve (at most half of what remains),
+        down to one batch: client and server then work side by side until the end, and the
+        server's last chunk, which nothing overlaps, is a single batch.
+        """
+        budget = self.batches_per_message()
+        if self.cfg.chunk_taper:
+            budget = min(budget, max(1, math.ceil((self.num_batches - cursor) / 2)))
+        return budget
+
     # ------------------------------------------------------------------------------- handlers
     def train(self, request: RecordDict) -> RecordDict:
         """One training message: maybe a returned gradient, then the next batch or chunk."""
@@ -239,7 +251,7 @@ class SplitClient:
         elif self.pending >= 0:
             raise PayloadError(f"batch {self.pending} still waits for its gradient")
 
-        budget = self.batches_per_message()
+        budget = self.chunk_budget(self.cursor)
         acts, labels, aux_loss, aux_correct, data_s = [], [], 0.0, 0, 0.0
         while self.cursor < self.num_batches and len(acts) < budget:
             td = time.perf_counter()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
@@ -145,10 +146,12 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _step(
     context: Context, handler: Callable[[SplitClient, RecordDict], RecordDict], content: RecordDict
 ) -> RecordDict:
+    t0 = time.perf_counter()
     client, rebuilt = _restore(context)
     reply = handler(client, content)
     client.save(context.state)
     LIVE.put(_key(context), client)
+    reply["metrics"]["handler-seconds"] = time.perf_counter() - t0  # restore + step + save
     reply["metrics"]["rebuilt"] = int(rebuilt)
     reply["metrics"]["live-clients"] = len(LIVE)
     reply["metrics"]["state-bytes"] = state_bytes(context)

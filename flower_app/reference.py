@@ -132,13 +132,14 @@ def train_round(run: ReferenceRun, rnd: int, weights: ArrayRecord) -> ArrayRecor
 
 
 def _replies(client: SplitClient) -> list[list[int]]:
-    """The batches each of the client's training replies carries, as the ClientApp sends them:
-    as many as fit in chunk-mib, a chunk ending early at a batch that waits for a gradient;
+    """The batches each of the client's training replies carries, as the ClientApp sends them
+    (``SplitClient.chunk_budget``), a chunk ending early at a batch that waits for a gradient;
     after a last batch that waited (CSL), one more reply carries no batch, only the weights."""
     chunks, current = [], []
     for batch in range(client.num_batches):
         current.append(batch)
-        if client.method.needs_gradient(batch) or len(current) == client.batches_per_message():
+        budget = client.chunk_budget(batch - len(current) + 1)
+        if client.method.needs_gradient(batch) or len(current) == budget:
             chunks.append(current)
             current = []
     if current:

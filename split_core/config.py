@@ -64,6 +64,7 @@ class RunConfig:
     test_samples: int
     seed: int
     chunk_mib: float
+    chunk_taper: bool
     payload_dtype: str
     compute_dtype: str
     channels_last: bool

@@ -133,6 +133,7 @@ def round_record(
         "client_backward_seconds": c.get("backward-seconds", 0.0),
         "client_compute_seconds": c.get("forward-seconds", 0.0) + c.get("backward-seconds", 0.0),
         "client_data_seconds": c.get("data-seconds", 0.0),
+        "client_handler_seconds": c.get("handler-seconds", 0.0),
         "server_forward_seconds": tl.phases.forward,
         "server_backward_seconds": tl.phases.backward,
         "server_compute_seconds": tl.phases.total,

@@ -10,12 +10,16 @@ import functools
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 
+from flower_app import client_app as real
 from flower_app.local_superlink import LocalSuperLink
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +110,27 @@ def write_cifar10_pickles(
 
 def chw_rows(x_hwc: np.ndarray) -> np.ndarray:
     return x_hwc.transpose(0, 3, 1, 2).reshape(len(x_hwc), 3072)
+
+
+def client_app_with(**replaced: Callable[[Message, Context], Message]) -> ClientApp:
+    """The real ClientApp with some handlers replaced, by name: setup, checkpoint, restore,
+    forward, backward, evaluate. The app is pickled with every simulated message, so what a
+    replacement must remember between messages belongs in ``context.state``."""
+    handlers = {
+        "setup": real.setup,
+        "checkpoint": real.checkpoint,
+        "restore": real.restore,
+        "forward": real.train,
+        "backward": real.train,
+        "evaluate": real.evaluate,
+    } | replaced
+    app = ClientApp()
+    for name in ("setup", "checkpoint", "restore"):
+        app.query(name)(handlers[name])
+    app.train("forward")(handlers["forward"])
+    app.train("backward")(handlers["backward"])
+    app.evaluate()(handlers["evaluate"])
+    return app
 
 
 class FlowerRunner:

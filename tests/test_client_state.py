@@ -474,3 +474,18 @@ def test_dsl_peak_is_one_batch_of_activations() -> None:
     reply = client.train(_first(client))
     assert reply["metrics"]["held-saved-bytes"] == 0
     assert reply["metrics"]["peak-saved-bytes"] == expected
+
+
+@pytest.mark.parametrize(("taper", "sizes"), [(True, [4, 4, 4, 2, 1, 1]), (False, [4, 4, 4, 4])])
+def test_chunks_taper_at_the_end_of_an_epoch(taper: bool, sizes: list[int]) -> None:
+    """With chunk-taper a DSL epoch ends in halving chunks: the server's last one is a batch."""
+    chunk_mib = 4 * BATCH * BYTES_PER_SAMPLE / 2**20
+    cfg = _cfg("dsl", **{"chunk-mib": chunk_mib, "samples-per-client": 16 * BATCH})
+    cfg = RunConfig.from_run_config(cfg.to_run_config() | {"chunk-taper": taper})
+    client = SplitClient.create(cfg, 0, 1, cfg.data_dir)
+    reply, got = client.train(_first(client)), []
+    got.append(reply["metrics"]["num-examples"] // BATCH)
+    while not reply["metrics"]["done"]:
+        reply = client.train(RecordDict({"config": _config()}))
+        got.append(reply["metrics"]["num-examples"] // BATCH)
+    assert got == sizes

@@ -46,6 +46,7 @@ RUN_CONFIG = {
     "server-threads": 1,
     "min-clients": NODES,
     "checkpoint-every": 0,  # one message less per run: each costs seconds on the stock path
+    "chunk-taper": False,  # one chunk per client, likewise
 }
 STOCK_MODELS: dict[str, Path] = {}  # method -> model.pt of the secure (stock executor) run
 

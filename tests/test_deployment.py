@@ -53,7 +53,13 @@ RECEIVING = "Receiving: "
 FRESH_PROCESS = "Start `flwr-clientapp` process"
 # Big chunks: a DSL client sends all its activations in one message (each message costs seconds
 # here, as each starts a fresh process).
-SMALL = TINY | {"num-rounds": 1, "test-samples": 64, "chunk-mib": 64.0, "min-clients": NUM_NODES}
+SMALL = TINY | {
+    "num-rounds": 1,
+    "test-samples": 64,
+    "chunk-mib": 64.0,
+    "chunk-taper": False,  # every message costs seconds here: one chunk per client
+    "min-clients": NUM_NODES,
+}
 
 
 @dataclass

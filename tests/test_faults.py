@@ -14,19 +14,14 @@ from flwr.clientapp import ClientApp
 from flower_app import client_app as real
 from flower_app.results import read_rounds
 from flower_app.simulation import simulate
-from tests.conftest import TINY, data_dir
+from tests.conftest import TINY, client_app_with, data_dir
 
 pytestmark = pytest.mark.slow  # real Flower runs: deselect with -m 'not slow'
 
 
 def faulty_client_app() -> ClientApp:
     """The real ClientApp, except that partition 1 puts a NaN into every activation payload."""
-    app = ClientApp()
 
-    app.query("setup")(real.setup)
-    app.query("checkpoint")(real.checkpoint)
-
-    @app.train("forward")
     def forward(msg: Message, context: Context) -> Message:
         reply = real.train(msg, context)
         if context.node_config["partition-id"] == 1 and "acts" in reply.content:
@@ -35,11 +30,7 @@ def faulty_client_app() -> ClientApp:
             reply.content["acts"]["acts"] = Array(acts)
         return reply
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        return real.evaluate(msg, context)
-
-    return app
+    return client_app_with(forward=forward)
 
 
 def test_malformed_payload_is_rejected_and_the_run_goes_on(tmp_path):
@@ -65,18 +56,13 @@ def unreliable_client_app() -> ClientApp:
     1. fails set-up (it never takes part);
     2. raises on its second training message and on its evaluation, in round 1 only;
     3. hangs for 30 s on its first training message of round 2 (reply-timeout is 8 s).
-    The app is pickled with every message, so what a node has seen lives in its own state.
     """
-    app = ClientApp()
-    app.query("checkpoint")(real.checkpoint)
 
-    @app.query("setup")
     def setup(msg: Message, context: Context) -> Message:
         if context.node_config["partition-id"] == 1:
             raise OSError("disk on fire")
         return real.setup(msg, context)
 
-    @app.train("forward")
     def forward(msg: Message, context: Context) -> Message:
         pid, rnd = int(context.node_config["partition-id"]), int(msg.content["config"]["round"])
         seen = 0 if "arrays" in msg.content else int(context.state["test.seen"]["n"])
@@ -87,13 +73,12 @@ def unreliable_client_app() -> ClientApp:
             time.sleep(30)
         return real.train(msg, context)
 
-    @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         if context.node_config["partition-id"] == 2 and msg.content["config"]["round"] == 1:
             raise RuntimeError("evaluation broke too")
         return real.evaluate(msg, context)
 
-    return app
+    return client_app_with(setup=setup, forward=forward, evaluate=evaluate)
 
 
 def test_unreliable_clients_are_left_out_and_the_run_goes_on(tmp_path):

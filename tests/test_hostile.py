@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from flower_app import client_app as real
 from flower_app.results import read_rounds
 from flower_app.simulation import simulate
-from tests.conftest import TINY, data_dir
+from tests.conftest import TINY, client_app_with, data_dir
 
 pytestmark = pytest.mark.slow
 
@@ -104,14 +104,9 @@ K = 1 + len(BREAKAGES)
 def breaking_app(mode: str) -> ClientApp:
     """The real ClientApp; partitions 1.. break (``mode='break'``) or fail (``'fail'``) their
     second training reply of every round."""
-    app = ClientApp()
-    app.query("setup")(real.setup)
-    app.query("checkpoint")(real.checkpoint)
 
-    @app.train("forward")
     def forward(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
-        # The app is pickled with every message: the count lives in the node's own state.
         seen = 0 if "arrays" in msg.content else int(context.state["test.count"]["n"])
         context.state["test.count"] = ConfigRecord({"n": seen + 1})
         if pid in BREAKAGES and seen + 1 == 2:
@@ -122,11 +117,7 @@ def breaking_app(mode: str) -> ClientApp:
             return reply
         return real.train(msg, context)
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        return real.evaluate(msg, context)
-
-    return app
+    return client_app_with(forward=forward)
 
 
 CONFIG = TINY | {

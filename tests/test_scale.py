@@ -19,7 +19,7 @@ from flower_app import reference
 from flower_app.results import read_rounds
 from flower_app.simulation import simulate
 from split_core.config import RunConfig
-from tests.conftest import TINY, data_dir
+from tests.conftest import TINY, client_app_with, data_dir
 
 pytestmark = pytest.mark.slow  # real Flower runs: deselect with -m 'not slow'
 
@@ -113,23 +113,13 @@ def slow_neighbour_app() -> ClientApp:
     Turns alternate between the two clients, so while the server waits for partition 1 it is a
     slow consumer of partition 0's chunks: without back-pressure they would pile up.
     """
-    app = ClientApp()
 
-    @app.query("setup")
-    def setup(msg: Message, context: Context) -> Message:
-        return real.setup(msg, context)
-
-    @app.train("forward")
     def forward(msg: Message, context: Context) -> Message:
         if context.node_config["partition-id"] == 1:
             time.sleep(0.5)
         return real.train(msg, context)
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        return real.evaluate(msg, context)
-
-    return app
+    return client_app_with(forward=forward)
 
 
 SLOW = TINY | {
