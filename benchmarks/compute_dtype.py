@@ -53,11 +53,11 @@ def speed(overrides: dict) -> None:
             print(f"ResNet-{depth:<5} {method:6} {cells}   x{rates[1] / rates[0]:.2f}", flush=True)
 
 
-def accuracy(overrides: dict, epochs: int) -> None:
+def accuracy(overrides: dict, epochs: int, methods: list[str]) -> None:
     base = {"num-rounds": epochs, "lr-schedule": "step", "samples-per-client": 10000}
     base |= {"test-samples": 10000} | overrides
     print(f"{'method':6} " + " ".join(f"{p:>15}" for p in PRECISIONS) + "   difference")
-    for method in ("dsl", "csl"):
+    for method in methods:
         accs = []
         for precision in PRECISIONS.values():
             cfg = RunConfig.from_run_config(base | precision | {"method": method})
@@ -71,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["speed", "accuracy"])
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--methods", nargs="+", default=["dsl", "csl"])
     parser.add_argument("overrides", nargs="*", help="run-config key=value (TOML values)")
     args = parser.parse_args()
     overrides = parse_overrides(args.overrides)
@@ -78,7 +79,7 @@ def main() -> None:
     if args.what == "speed":
         speed(overrides)
     else:
-        accuracy(overrides, args.epochs)
+        accuracy(overrides, args.epochs, args.methods)
 
 
 if __name__ == "__main__":

@@ -160,13 +160,16 @@ class LocalSuperLink:
         gpus_per_client: float | None = None,
         timeout: float | None = None,
         app: Path = APP_ROOT,
+        ray_cpus: int | None = None,
     ) -> FlwrRunResult:
         """`flwr run <app> --stream` with these run-config overrides; blocks until the run ends.
 
         `flwr run` exits 0 even when the ServerApp fails: callers judge a run by its results
         files (``rounds.jsonl``), and by the log.
         """
-        cmd = self._run_command(run_config, clients, cpus_per_client, gpus_per_client, app)
+        cmd = self._run_command(
+            run_config, clients, cpus_per_client, gpus_per_client, app, ray_cpus
+        )
         proc = subprocess.run(
             [*cmd, "--stream"],
             env=self.env,
@@ -180,7 +183,7 @@ class LocalSuperLink:
 
     def submit(self, run_config: Mapping[str, Any], clients: int = 2, app: Path = APP_ROOT) -> int:
         """`flwr run` without waiting: returns the run id."""
-        cmd = [*self._run_command(run_config, clients, None, None, app), "--format", "json"]
+        cmd = [*self._run_command(run_config, clients, None, None, app, None), "--format", "json"]
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, cwd=app)
         try:
             return int(json.loads(proc.stdout)["run-id"])
@@ -206,6 +209,7 @@ class LocalSuperLink:
         cpus_per_client: float | None,
         gpus_per_client: float | None,
         app: Path,
+        ray_cpus: int | None,
     ) -> list[str]:
         federation = f"num-supernodes={clients}"
         if cpus_per_client:  # Flower wants an int here when the value is whole
@@ -213,6 +217,8 @@ class LocalSuperLink:
             federation += f" client-resources-num-cpus={cpus}"
         if gpus_per_client:
             federation += f" client-resources-num-gpus={gpus_per_client}"
+        if ray_cpus:  # CPUs Ray may hand out: more than the machine's gives more actors
+            federation += f" init-args-num-cpus={ray_cpus}"
         return [
             str(BIN / "flwr"),
             "run",
