@@ -48,19 +48,16 @@ def in_process(config: dict) -> dict:
     }
 
 
-def through_flower(config: dict, clients: int, gpus_per_client: float, out: Path) -> dict:
-    from flower_app.local_superlink import LocalSuperLink  # needs Flower's CLI and Ray
-
+def through_flower(link, config: dict, clients: int, gpus_per_client: float, out: Path) -> dict:
     t0 = time.perf_counter()
     name = f"{config['method']}-{clients}-{config.get('compute-dtype', 'float32')}"
-    with LocalSuperLink(out / f"home-{name}") as link:
-        result = link.run(
-            config | {"output-dir": str(out), "run-name": name},
-            clients=clients,
-            cpus_per_client=2,
-            gpus_per_client=gpus_per_client or None,
-            timeout=900,
-        )
+    result = link.run(
+        config | {"output-dir": str(out), "run-name": name},
+        clients=clients,
+        cpus_per_client=2,
+        gpus_per_client=gpus_per_client or None,
+        timeout=900,
+    )
     if not (result.run_dir / "rounds.jsonl").exists():
         raise RuntimeError(result.log[-2000:])
     (r,) = read_rounds(result.run_dir)
@@ -100,13 +97,18 @@ def main() -> None:
     print(f"device: {device}; ResNet-{base['depth']} cut {base['cut']}; torch {torch.__version__}")
     header = f"{'run':22} {'method':6} {'K':>3} {'epoch s':>8} {'img/s':>8}  {'CUDA peak':28} wait"
     rows = [header, "-" * len(header)]
+    link = None
     for where, method, k, extra, gpus in plan:
         config = base | extra | {"method": method}
         try:
             if gpus is None:
                 r = in_process(config)
             else:
-                r = through_flower(config, k, gpus if gpu else 0.0, out)
+                if link is None:  # one SuperLink for every Flower row; needs Flower's CLI, Ray
+                    from flower_app.local_superlink import LocalSuperLink
+
+                    link = LocalSuperLink(out / "flwr-home").start()
+                r = through_flower(link, config, k, gpus if gpu else 0.0, out)
             line = (
                 f"{where:22} {method:6} {k:>3} {r['epoch_s']:>8.1f} {r['img_s']:>8.0f}  "
                 f"{r['cuda']:28} {r['wait']}"
@@ -116,6 +118,8 @@ def main() -> None:
             line = f"{where:22} {method:6} {k:>3}  n/a: {type(exc).__name__}: {exc}"[:200]
         rows.append(line)
         print(line, flush=True)
+    if link is not None:
+        link.stop()
     print("\n" + "\n".join(rows))
     print(f"\nresults in {out}")
 

@@ -373,7 +373,7 @@ def test_a_supernode_killed_after_round_1_leaves_a_run_that_finishes(tmp_path, o
         "method": "dsl",
         "num-rounds": 3,
         "min-clients": 2,
-        "reply-timeout": 20.0,
+        "reply-timeout": 15.0,
         "samples-per-client": 64,
         "checkpoint-every": 0,
     }
