@@ -45,6 +45,49 @@ def flower_env(home: Path, http_port: int, control_port: int) -> dict[str, str]:
     )
 
 
+def run_flwr(
+    env: Mapping[str, str], *args: str, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """The `flwr` CLI of this environment, its output captured."""
+    return subprocess.run(
+        [str(BIN / "flwr"), *args],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
+def write_app(directory: Path, name: str, module: str, source: str, config: str = "") -> Path:
+    """A throw-away Flower app: ``directory/pyproject.toml`` and ``directory/<module>.py``,
+    whose ``server`` and ``client`` are the ServerApp and ClientApp; ``config`` is the body of
+    its ``[tool.flwr.app.config]``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "pyproject.toml").write_text(
+        f'''[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{name}"
+version = "0.1.0"
+dependencies = ["flwr==1.42.0", "numpy"]
+
+[tool.flwr.app]
+publisher = "split-learning"
+
+[tool.flwr.app.components]
+serverapp = "{module}:server"
+clientapp = "{module}:client"
+
+[tool.flwr.app.config]
+{config}'''
+    )
+    (directory / f"{module}.py").write_text(source)
+    return directory
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -194,13 +237,7 @@ class LocalSuperLink:
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """Any `flwr` command against this SuperLink (e.g. ``"stop", "3"``)."""
-        return subprocess.run(
-            [str(BIN / "flwr"), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        return run_flwr(self.env, *args, timeout=timeout)
 
     def _run_command(
         self,

@@ -33,28 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "msg-bench"
-version = "0.1.0"
-dependencies = ["flwr==1.42.0", "numpy"]
-
-[tool.flwr.app]
-publisher = "split-learning"
-
-[tool.flwr.app.components]
-serverapp = "msg_bench_app:server"
-clientapp = "msg_bench_app:client"
-
-[tool.flwr.app.config]
-reps = 5
-out = ""
-client-import = ""
-"""
+from flower_app.local_superlink import write_app
 
 APP = '''\
 """Ping-pong messages of a few sizes; timings go to run-config "out" (JSON)."""
@@ -140,8 +119,9 @@ def main() -> int:
     out.unlink(missing_ok=True)
     app_dir = Path(tempfile.mkdtemp(prefix="msg-bench-"))
     try:
-        (app_dir / "pyproject.toml").write_text(PYPROJECT)
-        (app_dir / "msg_bench_app.py").write_text(APP)
+        write_app(
+            app_dir, "msg-bench", "msg_bench_app", APP, 'reps = 5\nout = ""\nclient-import = ""\n'
+        )
         config = f"reps={args.reps} out='{out}' client-import='{args.client_import}'"
         env = os.environ | {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
         start = time.monotonic()

@@ -74,6 +74,7 @@ class RunConfig:
     live_clients: int
     max_active_clients: int
     max_queued_chunks: int
+    poll_seconds: float
     min_clients: int
     reply_timeout: float
     checkpoint_every: int
@@ -150,6 +151,10 @@ class RunConfig:
             ),
             (self.progress_seconds >= 0, "progress-seconds must be >= 0 (0 = no progress log)"),
             (self.probe_samples >= 0, "probe-samples must be >= 0 (0 = no privacy probe)"),
+            (
+                0 < self.poll_seconds <= 10,
+                f"poll-seconds must be in (0, 10], got {self.poll_seconds}",
+            ),
             (self.reply_timeout > 0, f"reply-timeout must be > 0 s, got {self.reply_timeout}"),
             (self.checkpoint_every >= 0, "checkpoint-every must be >= 0 (0 = no checkpoint)"),
             (self.min_clients >= 1, f"min-clients must be >= 1, got {self.min_clients}"),

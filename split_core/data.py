@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from split_core.compute import Compute
 
@@ -216,6 +215,8 @@ def _read_zip(path: Path, split: str, classes: list[str] | None, dataset: str):
             raise ValueError(f"{path}: unknown class folders {sorted(found - set(classes))}")
         label_of = {c: i for i, c in enumerate(classes)}
         entries.sort(key=lambda e: (label_of[e[0]], e[1]))
+        from PIL import Image  # only decoding the zip layout needs it (not every ClientApp)
+
         x = np.empty((len(entries), 32, 32, 3), dtype=np.uint8)
         for i, (_, _, name) in enumerate(entries):
             img = np.asarray(Image.open(io.BytesIO(zf.read(name))).convert("RGB"))

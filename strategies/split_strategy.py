@@ -394,6 +394,7 @@ class SplitLearningStrategy(Strategy):
             self.timeout,
             window or c.max_active_clients,
             c.max_queued_chunks,
+            max_poll_interval=c.poll_seconds,
             should_stop=self.should_stop,
         )
 

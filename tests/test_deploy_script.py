@@ -26,7 +26,13 @@ import httpx
 import pytest
 import torch
 
-from flower_app.local_superlink import BIN, free_port, free_port_block, process_alive
+from flower_app.local_superlink import (
+    BIN,
+    free_port,
+    free_port_block,
+    process_alive,
+    write_app,
+)
 from flower_app.results import read_rounds
 from tests.conftest import ROOT, data_dir
 
@@ -322,27 +328,6 @@ def test_insecure_start_status_stop(tmp_path: Path):
     assert "not running" in dep.script("status").stdout
 
 
-PROBE_PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "warm-probe"
-version = "0.1.0"
-dependencies = ["flwr==1.42.0"]
-
-[tool.flwr.app]
-publisher = "split-learning"
-
-[tool.flwr.app.components]
-serverapp = "warm_probe:server"
-clientapp = "warm_probe:client"
-
-[tool.flwr.app.config]
-out = ""
-"""
-
 PROBE_APP = '''\
 """Asks each node for its ClientApp process id, makes its ClientApp raise, asks again."""
 
@@ -432,8 +417,7 @@ class TestWarm:
         another app (another FAB) restarts the executor in place (same PID, fresh modules)."""
         app = tmp_path / "probe"
         app.mkdir()
-        (app / "pyproject.toml").write_text(PROBE_PYPROJECT)
-        (app / "warm_probe.py").write_text(PROBE_APP)
+        write_app(app, "warm-probe", "warm_probe", PROBE_APP, 'out = ""\n')
         out = tmp_path / "probe.json"
         app_changed = ROOT in warm.apps_run  # the executors hold the split-learning app
         log, _ = warm.run(app, f"out='{out}'", timeout=300)

@@ -37,7 +37,14 @@ import pytest
 import torch
 
 from flower_app import reference
-from flower_app.local_superlink import BIN, flower_env, free_port, process_alive, stop_process
+from flower_app.local_superlink import (
+    BIN,
+    flower_env,
+    free_port,
+    process_alive,
+    run_flwr,
+    stop_process,
+)
 from flower_app.results import read_rounds
 from models import cut_shape
 from split_core.config import RunConfig
@@ -81,14 +88,7 @@ class Deployment:
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(BIN / "flwr"), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=ROOT,
-        )
+        return run_flwr(self.env, *args, timeout=timeout, cwd=ROOT)
 
     def online_nodes(self) -> list[str]:
         proc = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
