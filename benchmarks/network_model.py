@@ -12,16 +12,17 @@ every client; the server is shared.
 
 Per epoch, with n batches per client, K clients, m batches per DSL message, c the client's
 compute per batch (building it included), s the server's, a and g the bytes of a batch's
-activations and gradient, and for every message a hop h = L + 2S/B + o_c + o_s (S: one node's
+activations and gradient, and for every message a hop h = 2S/B + o_c + o_s (S: one node's
 context.state, which travels both ways with every message; o_c, o_s: what client and server
 spend per message besides computing, measured in the run):
 
-  CSL           each batch is a round trip:    n (c_fwd + a/B + s + g/B + c_bwd + L) + (n+1) h + 2L
-  DSL           one way, pipelined:            n/m (m c + m a/B + L + h - o_s) + m s  (the request
-                for the next chunk leaves when a chunk arrives; the server trains the last chunk
-                after it lands)
+  CSL           n+1 round trips, one per batch and the last for the weights:
+                n (c_fwd + a/B + s + g/B + c_bwd) + (n+1) (2L + h)
+  DSL           one way, pipelined: n/m (m c + m a/B + 2L + h - o_s) + m s  (the request for the
+                next chunk leaves when a chunk arrives; the server trains the last chunk after
+                it lands)
   DSL-int8      DSL with a/4 (per-channel int8, scales negligible)
-  DSL-fb(k)     every k-th batch waits for its gradient: n/k (k c + k a/B + k s + g/B + L + h)
+  DSL-fb(k)     every k-th batch waits for its gradient: n/k (k c + k a/B + k s + g/B + 2L + h)
 
 and the epoch can never be shorter than the server's work, K n s + M o_s, nor than the clients'
 work shared by the ``--workers`` that run them, (K n c + M o_c + M L) / workers (a worker that
@@ -125,22 +126,20 @@ def epoch_seconds(method: str, csl: Measured, dsl: Measured, link: Link, workers
     L, B = link.latency, link.bandwidth  # noqa: N806 - the symbols of the docstring
     if method == "CSL":
         m = csl
-        hop = L + m.state_bytes * 2 / B + m.client_overhead + m.server_overhead  # per message
-        chain = 2 * L + m.batches * (  # 2L: the first request, the last reply (the weights)
-            m.client_forward + m.act_bytes / B + m.server + m.grad_bytes / B + m.client_backward
-        )
-        chain += (m.batches + 1) * hop + m.batches * L
+        hop = m.state_bytes * 2 / B + m.client_overhead + m.server_overhead  # per message
+        per_batch = m.client_forward + m.act_bytes / B + m.server + m.grad_bytes / B
+        chain = m.batches * (per_batch + m.client_backward) + (m.batches + 1) * (2 * L + hop)
     elif method.startswith("DSL-fb"):
         k, m = int(method[7:-1]), dsl
-        hop = L + m.state_bytes * 2 / B + m.client_overhead + m.server_overhead
+        hop = m.state_bytes * 2 / B + m.client_overhead + m.server_overhead
         grad = csl.grad_bytes  # a gradient is as big as its batch's activations
-        group = k * m.client + k * m.act_bytes / B + k * m.server + grad / B + L + hop
+        group = k * m.client + k * m.act_bytes / B + k * m.server + grad / B + 2 * L + hop
         chain = m.batches / k * group
     else:
         m = dsl if method == "DSL" else replace(dsl, act_bytes=dsl.act_bytes / 4)
         chunk = m.per_message
-        hop = L + m.state_bytes * 2 / B + m.client_overhead  # the server answers on arrival
-        chain = m.batches / chunk * (chunk * m.client + chunk * m.act_bytes / B + L + hop)
+        hop = m.state_bytes * 2 / B + m.client_overhead  # the server answers on arrival
+        chain = m.batches / chunk * (chunk * m.client + chunk * m.act_bytes / B + 2 * L + hop)
         chain += chunk * m.server
     messages = m.clients * m.batches / (1 if method == "CSL" else m.per_message)
     server_bound = m.clients * m.batches * m.server + messages * m.server_overhead
