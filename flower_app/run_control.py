@@ -7,7 +7,10 @@ a join, so that signal is not handled until the run has ended: a stopped simulat
 its last round (measured: `flwr stop` after round 2 of 4 with 2 s rounds, rounds 3 and 4 were
 still written). The ServerApp therefore asks itself, at every round's end and every few seconds
 inside a round, with the same authenticated request (``SendTaskHeartbeat``) that Flower's
-heartbeat sends, on the connection that heartbeat uses.
+heartbeat sends, on the connection that heartbeat uses. Two answers mean "stopped": a refused
+heartbeat (``success=False``, the task is finished but its token still known) and HTTP 401 (the
+SuperLink revoked the task's token when `flwr stop` finished the task, which is the usual case;
+CI once ran a stopped run to its end because only the first answer was read).
 
 This reads flwr internals (the ``HeartbeatSender`` thread and its function's closure); flwr is
 pinned at 1.42.0, and where anything is not as expected the answer is "not stopped".
@@ -31,7 +34,14 @@ def stop_requested() -> bool:
         return not client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success
     except Exception as exc:  # noqa: BLE001 - a connection hiccup is not a stop
         log.debug("stop check failed: %s", exc)
-        return False
+        return token_revoked(exc)
+
+
+def token_revoked(exc: BaseException) -> bool:
+    """Did the SuperLink refuse this task's token (401)? It does so once the task is finished."""
+    import httpx
+
+    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401
 
 
 def _runtime_client() -> object | None:
