@@ -36,7 +36,7 @@ from strategies import lifecycle
 from strategies.aggregation import FedAvg
 from strategies.checkpoint import Checkpoint, optimizer_to_cpu
 from strategies.exchange import Exchange, RunStopped
-from strategies.ledger import Ledger, Phase, round_record
+from strategies.ledger import Ledger, Phase, rebuild_advice, round_record
 from strategies.nodes import SetupError, wait_for_nodes
 from strategies.progress import Progress
 from strategies.replies import (
@@ -288,6 +288,9 @@ class SplitLearningStrategy(Strategy):
         if self.should_stop():
             raise RunStopped(f"the run was stopped before round {rnd} was recorded")
         self.history.append(record)
+        advice = rebuild_advice(record, self.cfg.live_clients, self.cfg.max_active_clients)
+        if advice:
+            log.warning(advice)
         if due and self.on_checkpoint:
             self.on_checkpoint(self._checkpoint(rnd))
         if self.on_round:

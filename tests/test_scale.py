@@ -87,6 +87,17 @@ def test_windowed_run_matches_the_reference(many_nodes):
     assert ref.history[-1]["test_accuracy"] == pytest.approx(many_nodes[2][2][-1]["test_accuracy"])
 
 
+def test_a_thrashing_client_cache_is_named_with_its_fix(many_nodes):
+    log, _, rounds = many_nodes[1]
+    r = rounds[0]
+    assert 2 * r["client_rebuilds"] > r["train_messages"]  # 3 clients in turn, 1 kept warm
+    assert (
+        f"round 1: {r['client_rebuilds']} of {r['train_messages']} training messages rebuilt "
+        "their client from context.state" in log
+    )
+    assert "(live-clients=1, max-active-clients=3). Raise live-clients" in log
+
+
 def test_long_rounds_log_progress(many_nodes):
     log = many_nodes[1][0]
     assert "round 1: " in log and " batches (" in log and "img/s, ETA" in log
