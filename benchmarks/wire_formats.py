@@ -2,6 +2,7 @@
 
     python benchmarks/wire_formats.py bytes                     # real `flwr run`s, one round each
     python benchmarks/wire_formats.py accuracy --epochs 10      # in process, equal epochs
+    python benchmarks/wire_formats.py accuracy --rows "DSL int8"  # one row (runs are independent)
 
 ``bytes``: one round of ResNet-20 cut 3, 2 clients, through Flower, for DSL in every
 ``payload-dtype``, DSL with feedback every 2nd batch, and CSL in float32 and int8; each row's
@@ -56,29 +57,36 @@ def measure_bytes(overrides: dict) -> None:
     print(f"\nruns in {out}")
 
 
-def measure_accuracy(overrides: dict, epochs: int) -> None:
+def measure_accuracy(overrides: dict, epochs: int, rows: list[str]) -> None:
+    """Each row's test accuracy; the difference is to its method's float32 row, when run."""
     base = {"num-rounds": epochs, "lr-schedule": "step", "samples-per-client": 10000}
     base |= {"test-samples": 10000} | overrides
     results = {}
     for name, extra in ROWS:
+        if rows and name not in rows:
+            continue
         run = reference.train(RunConfig.from_run_config(base | extra), num_clients=1)
         results[name] = run.history[-1]["test_accuracy"]
         same = "CSL" if name.startswith("CSL") else "DSL"
-        delta = 100 * (results[name] - results[same])
-        print(f"{name:18} {100 * results[name]:6.2f} %   {delta:+.2f} pt vs {same}", flush=True)
+        delta = ""
+        if same in results:
+            delta = f"{100 * (results[name] - results[same]):+.2f} pt vs {same}"
+        print(f"{name:18} {100 * results[name]:6.2f} %   {delta}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["bytes", "accuracy"])
     parser.add_argument("--epochs", type=int, default=10)
+    names = [name for name, _ in ROWS]
+    parser.add_argument("--rows", nargs="+", default=[], choices=names, help="accuracy: only these")
     parser.add_argument("overrides", nargs="*", help="run-config key=value (TOML values)")
     args = parser.parse_args()
     overrides = parse_overrides(args.overrides)
     if args.what == "bytes":
         measure_bytes(overrides)
     else:
-        measure_accuracy(overrides, args.epochs)
+        measure_accuracy(overrides, args.epochs, args.rows)
 
 
 if __name__ == "__main__":
