@@ -31,6 +31,7 @@ from flower_app.local_superlink import (
     free_port,
     free_port_block,
     process_alive,
+    run_flwr,
     write_app,
 )
 from flower_app.results import read_rounds
@@ -89,10 +90,7 @@ class Deployment:
         )
 
     def flwr(self, *args: str, home: Path | None = None, timeout: float = 60):
-        env = self.env | {"FLWR_HOME": str(home or self.home)}
-        return subprocess.run(
-            [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout
-        )
+        return run_flwr(self.env | {"FLWR_HOME": str(home or self.home)}, *args, timeout=timeout)
 
     def pids(self) -> dict[str, int]:
         pids_file = self.dir / "pids"
