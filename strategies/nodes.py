@@ -11,6 +11,10 @@ class SetupError(RuntimeError):
     """The clients could not start (missing data, bad node config): nothing was trained."""
 
 
+class TooFewClients(RuntimeError):
+    """Fewer than ``min-clients`` are left mid-run: the run ends cleanly, resumable."""
+
+
 def wait_for_nodes(grid: Grid, minimum: int, settle: float, timeout: float) -> list[int]:
     """Wait for ``minimum`` nodes, then until the count has not changed for ``settle`` seconds."""
     deadline, last, stable_since = time.monotonic() + timeout, [], time.monotonic()

@@ -37,7 +37,7 @@ from strategies.aggregation import FedAvg
 from strategies.checkpoint import Checkpoint, optimizer_to_cpu
 from strategies.exchange import Exchange, RunStopped
 from strategies.ledger import Ledger, Phase, rebuild_advice, round_record
-from strategies.nodes import SetupError, wait_for_nodes
+from strategies.nodes import SetupError, TooFewClients, wait_for_nodes
 from strategies.progress import Progress
 from strategies.replies import (
     Expected,
@@ -243,7 +243,7 @@ class SplitLearningStrategy(Strategy):
             taking_part = [c for c in taking_part if c.node_id not in report.failures]
         if len(taking_part) < self.cfg.min_clients:
             reasons = "; ".join(f"node {n}: {why}" for n, why in left_out.items())
-            raise RuntimeError(
+            raise TooFewClients(
                 f"round {rnd}: {len(taking_part)} clients left, min-clients is "
                 f"{self.cfg.min_clients} ({reasons})"
             )
