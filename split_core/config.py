@@ -27,8 +27,10 @@ from split_core.methods import METHODS, make_method
 from split_core.payload import WIRE_ITEMSIZE
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+# The same file inside an installed wheel, which has no source tree (hatch force-include).
+PACKAGED_PYPROJECT = Path(__file__).resolve().parent / "app_config.toml"
 PARTITIONS = ("iid", "dirichlet")
-LR_SCHEDULES = ("constant", "step")
+LR_SCHEDULES = ("constant", "step", "cosine")
 
 
 class ConfigError(ValueError):
@@ -37,7 +39,10 @@ class ConfigError(ValueError):
 
 @cache
 def default_run_config() -> dict[str, Any]:
-    with PYPROJECT.open("rb") as f:
+    """``[tool.flwr.app.config]``, from the wheel's copy of pyproject.toml when installed, else
+    from the source tree's (a checkout or an editable install never holds the copy)."""
+    source = PACKAGED_PYPROJECT if PACKAGED_PYPROJECT.is_file() else PYPROJECT
+    with source.open("rb") as f:
         return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
 
 
@@ -56,6 +61,7 @@ class RunConfig:
     batch_size: int
     lr: float
     lr_schedule: str
+    lr_warmup_rounds: int
     momentum: float
     weight_decay: float
     partition: str
@@ -129,6 +135,10 @@ class RunConfig:
             ),
             (self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (
+                0 <= self.lr_warmup_rounds <= self.num_rounds,
+                f"lr-warmup-rounds must be in [0, num-rounds], got {self.lr_warmup_rounds}",
+            ),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (self.weight_decay >= 0, f"weight-decay must be >= 0, got {self.weight_decay}"),
             (self.dirichlet_alpha > 0, f"dirichlet-alpha must be > 0, got {self.dirichlet_alpha}"),
@@ -184,11 +194,23 @@ class RunConfig:
         return {_key(k): v for k, v in dataclasses.asdict(self).items()}
 
     def lr_at(self, server_round: int) -> float:
-        """He et al.: divide by 10 at 50 % and 75 % of training when lr-schedule is "step"."""
-        if self.lr_schedule == "constant":
-            return self.lr
+        """The learning rate of a round (1-based; one round is one epoch).
+
+        "step" (He et al.) divides by 10 at 50 % and 75 % of training; "cosine" anneals from lr
+        towards 0 as 0.5 lr (1 + cos(pi (r-1) / R)), so the last round still learns. A linear
+        warm-up scales the first lr-warmup-rounds W by r / W: a large lr on an untrained
+        network can diverge in its first epoch, and one factor keeps it valid for any schedule.
+        """
         done = (server_round - 1) / self.num_rounds
-        return self.lr * (0.1 ** ((done >= 0.5) + (done >= 0.75)))
+        if self.lr_schedule == "step":
+            lr = self.lr * (0.1 ** ((done >= 0.5) + (done >= 0.75)))
+        elif self.lr_schedule == "cosine":
+            lr = 0.5 * self.lr * (1 + math.cos(math.pi * done))
+        else:
+            lr = self.lr
+        if server_round <= self.lr_warmup_rounds:
+            lr *= server_round / self.lr_warmup_rounds
+        return lr
 
     def torch_threads(self, requested: int, num_clients: int, cpus: float | None = None) -> int:
         """Threads for one party; 0 = auto from measurements on 2 cores (see README).

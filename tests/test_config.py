@@ -72,7 +72,10 @@ def test_overrides_are_applied() -> None:
         ),
         ({"dataset": "mnist"}, "dataset 'mnist' is not one of ['cifar10', 'cifar100']"),
         ({"partition": "shards"}, "partition 'shards' not in ('iid', 'dirichlet')"),
-        ({"lr-schedule": "cosine"}, "lr-schedule 'cosine' not in ('constant', 'step')"),
+        (
+            {"lr-schedule": "linear"},
+            "lr-schedule 'linear' not in ('constant', 'step', 'cosine')",
+        ),
         (
             {"payload-dtype": "int4"},
             "payload-dtype 'int4' not in ('float32', 'float16', 'bfloat16', 'int8')",
