@@ -1,7 +1,10 @@
 """Does the JPEG copy of CIFAR-10 cost test accuracy? A trained model on the same 1,000 test
-images, once as JPEG (../shared/data/cifar10) and once with exact pixels (cifar10-exact-subset).
+images, once as JPEG (the CIFAR-10 copy the app finds) and once with exact pixels.
 
-    python benchmarks/jpeg_effect.py outputs/<run> [more run dirs]
+    python benchmarks/jpeg_effect.py outputs/<run> [more run dirs] [--exact <subset.npz>]
+
+The exact images default to `cifar10-exact-subset/subset.npz` in or beside the data folder
+named by SPLIT_LEARNING_DATA_DIR (the folder holding `cifar10/`, or `cifar10/` itself).
 
 Each run directory's config.json gives the model; its model.pt gives the weights. The exact
 images are test_batch 0..999; each is matched to its JPEG copy by label and least mean absolute
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,16 @@ import torch
 from models.resnet import split_resnet
 from split_core.data import load_cifar, normalize, to_float
 
-EXACT = Path(__file__).resolve().parents[2] / "shared/data/cifar10-exact-subset/subset.npz"
+EXACT_NAME = Path("cifar10-exact-subset") / "subset.npz"
+
+
+def default_exact() -> Path | None:
+    """The exact-pixel subset in or beside the SPLIT_LEARNING_DATA_DIR folder, if there."""
+    value = os.environ.get("SPLIT_LEARNING_DATA_DIR", "")
+    if not value:
+        return None
+    root = Path(value).expanduser().resolve()
+    return next((p / EXACT_NAME for p in (root, root.parent) if (p / EXACT_NAME).is_file()), None)
 
 
 def matched_jpeg_copies(x_exact: np.ndarray, y_exact: np.ndarray, data_dir: str) -> np.ndarray:
@@ -54,9 +67,11 @@ def accuracy(run_dir: Path, images: np.ndarray, labels: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--exact", type=Path, default=EXACT)
-    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--exact", type=Path, default=default_exact())
+    parser.add_argument("--data-dir", default="", help="CIFAR-10 folder ('' = the app's search)")
     args = parser.parse_args()
+    if args.exact is None:
+        parser.error(f"pass --exact, or set SPLIT_LEARNING_DATA_DIR to a folder with {EXACT_NAME}")
     exact = np.load(args.exact)
     x_exact, y_exact = exact["x_test"], exact["y_test"]
     x_jpeg = matched_jpeg_copies(x_exact, y_exact, args.data_dir)

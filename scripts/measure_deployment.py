@@ -11,7 +11,7 @@ one round (= one epoch over each client's data) of the app with CSL and with DSL
   warmdb  warm, SuperLink state in a SQLite file       --warm, SUPERLINK_DATABASE=<file>
   warm    warm ClientApp process, short SuperNode sleeps, in-memory SuperLink state  --warm
 
-    python scripts/measure_deployment.py --out /tmp/measure [--setups stock,tuned,warm0,warm]
+    python scripts/measure_deployment.py --out measure [--setups stock,tuned,warm0,warm]
 
 writes <out>/summary.md (the tables of docs/deployment.md) and <out>/summary.json. The epoch
 runs of all setups must produce identical models (model.pt); the summary says whether they do.
@@ -216,8 +216,14 @@ def main() -> int:
     parser.add_argument("--setups", default="stock,tuned,warm0,warm")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--samples-per-client", type=int, default=128)
-    parser.add_argument("--data-dir", default="/work/shared/data/cifar10")
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("SPLIT_LEARNING_DATA_DIR", ""),
+        help="CIFAR-10 folder (default: SPLIT_LEARNING_DATA_DIR; '' = the app's search roots)",
+    )
     args = parser.parse_args()
+    if args.data_dir:  # the apps run in other working directories
+        args.data_dir = str(Path(args.data_dir).expanduser().resolve())
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     results = []

@@ -41,12 +41,18 @@ TINY = {
 }
 
 
-CIFAR10_CANDIDATES = [Path(p) for p in (os.environ.get("SPLIT_LEARNING_DATA_DIR", ""),) if p] + [
-    ROOT.parent / "shared" / "data" / "cifar10",
-    Path("/work/shared/data/cifar10"),
-]
-if os.environ.get("SPLIT_LEARNING_TESTS_SYNTHETIC"):  # run as on a machine without CIFAR-10
-    CIFAR10_CANDIDATES = []
+def real_cifar10_from_env() -> Path | None:
+    """The real CIFAR-10 (`train.zip` + `test.zip`) named by SPLIT_LEARNING_DATA_DIR: the folder
+    itself or its `cifar10/` subfolder, so CI can pass the data root (`../shared/data`) and a
+    developer the dataset folder. Resolved, because `flwr run` apps start in another directory."""
+    value = os.environ.get("SPLIT_LEARNING_DATA_DIR", "")
+    if not value or os.environ.get("SPLIT_LEARNING_TESTS_SYNTHETIC"):
+        return None  # SPLIT_LEARNING_TESTS_SYNTHETIC: run as on a machine without CIFAR-10
+    root = Path(value).expanduser().resolve()
+    return next((p for p in (root, root / "cifar10") if (p / "train.zip").is_file()), None)
+
+
+REAL_CIFAR10 = real_cifar10_from_env()
 
 
 @pytest.fixture(autouse=True)
@@ -62,10 +68,9 @@ def one_thread():
 
 def real_data_dir() -> str:
     """The real CIFAR-10 (JPEG zip layout), for tests that assert learning; they skip without."""
-    for path in CIFAR10_CANDIDATES:
-        if (path / "train.zip").exists():
-            return str(path)
-    pytest.skip(f"real CIFAR-10 not found in {[str(p) for p in CIFAR10_CANDIDATES]}")
+    if REAL_CIFAR10 is None:
+        pytest.skip("real CIFAR-10 not found: set SPLIT_LEARNING_DATA_DIR to its folder")
+    return str(REAL_CIFAR10)
 
 
 def data_dir() -> str:

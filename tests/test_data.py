@@ -24,10 +24,8 @@ from split_core.data import (
     search_roots,
     to_float,
 )
+from tests.conftest import REAL_CIFAR10, write_cifar10_pickles
 from tests.conftest import chw_rows as _chw_rows
-from tests.conftest import write_cifar10_pickles
-
-REAL_CIFAR10 = Path("/work/shared/data/cifar10")
 
 
 @pytest.fixture(autouse=True)
@@ -464,7 +462,8 @@ def test_training_pipeline_shapes(tmp_path):
 
 
 @pytest.mark.skipif(
-    not (REAL_CIFAR10 / "test.zip").is_file(), reason="real CIFAR-10 zips not present"
+    REAL_CIFAR10 is None or not (REAL_CIFAR10 / "test.zip").is_file(),
+    reason="real CIFAR-10 zips not found: set SPLIT_LEARNING_DATA_DIR",
 )
 def test_real_cifar10_zips():
     arrays = load_cifar("cifar10", str(REAL_CIFAR10), download=False)
