@@ -163,19 +163,32 @@ def load(results: Path) -> tuple[Measured, Measured]:
     return runs["csl"], runs["dsl"]
 
 
+LABELS = {
+    "CSL": "CSL (a gradient back per batch)",
+    "DSL": "DSL (activations one way)",
+    "DSL-int8": "DSL, int8 activations",
+    "DSL-fb(2)": "DSL + gradient every 2nd batch",
+}
+
+
 def plot(csl: Measured, dsl: Measured, workers: int, latencies: list[float], out: Path) -> None:
     bandwidths = np.logspace(5, 10, 200)  # 0.8 Mbit/s .. 80 Gbit/s
-    fig = Figure(figsize=(5 * len(latencies), 3.8), layout="tight")
-    axes = fig.subplots(1, len(latencies), squeeze=False)[0]
+    fig = Figure(figsize=(4.6 * len(latencies), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(latencies), squeeze=False, sharey=True)[0]
     for ax, latency in zip(axes, latencies, strict=True):
         for method in METHODS:
             times = [epoch_seconds(method, csl, dsl, Link(latency, b), workers) for b in bandwidths]
-            ax.loglog(bandwidths * 8 / 1e6, times, label=method, color=COLORS[method])
-        ax.set_title(f"latency {1000 * latency:g} ms per message", fontsize=9)
-        ax.set_xlabel("bandwidth per client (Mbit/s)")
-        ax.set_ylabel("epoch time (s)")
+            ax.loglog(bandwidths * 8 / 1e6, times, label=LABELS[method], color=COLORS[method])
+        ax.set_title(f"one-way latency {1000 * latency:g} ms per message", fontsize=9)
+        ax.set_xlabel("link bandwidth per client (Mbit/s)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+    axes[0].set_ylabel("predicted epoch time (s)")
+    axes[0].legend(fontsize=7, loc="upper right")
+    fig.suptitle(
+        f"Network model: predicted epoch time against the link, from measured compute and "
+        f"bytes ({csl.clients} clients x {csl.batches:.0f} batches; client workers: {workers})",
+        fontsize=10,
+    )
     fig.savefig(out, dpi=120)
 
 

@@ -152,7 +152,8 @@ def _method_bars(ax: Any, pairs: dict[Setting, dict[str, Run]], parts: list[Part
     Returns the x position of every bar, CSL first, for markers drawn on top.
     """
     xs = range(len(pairs))
-    positions = []
+    positions: list[float] = []
+    top = 0.0
     for i, method in enumerate(("csl", "dsl")):
         pos = [x + (i - 0.5) * BAR_WIDTH for x in xs]
         bottom = [0.0] * len(pos)
@@ -163,6 +164,10 @@ def _method_bars(ax: Any, pairs: dict[Setting, dict[str, Run]], parts: list[Part
             ax.bar(pos, values, BAR_WIDTH, bottom=bottom, color=color, label=label, **style)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         positions += pos
+        top = max([top, *bottom])
+    # An empty part on top of a stack (DSL's gradients, a zero "rest") leaves a sticky edge at
+    # the stack's top, which stops autoscaling there and cuts the tallest bar: set the limit.
+    ax.set_ylim(0, 1.08 * top if top > 0 else 1.0)
     ax.set_xticks(list(xs), [s.label().replace(", ", "\n") for s in pairs], fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return positions
@@ -225,13 +230,14 @@ def fig_time(runs: list[Run]) -> Figure:
         for by in pairs.values()
     ]
     ax.scatter(positions, walls, marker="_", s=300, color="black", zorder=3, label="wall time")
+    ax.set_ylim(0, max(ax.get_ylim()[1], 1.08 * max(walls, default=0.0)))
     ax.set_ylabel("seconds per epoch")
     ax.set_title(
         "Epoch time: compute summed over parties, and the rest\n"
         "(parties overlap, so bars can exceed the wall time, black)",
         fontsize=9,
     )
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     return fig
 
 
