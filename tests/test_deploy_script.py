@@ -1,14 +1,16 @@
-"""scripts/deploy_local.sh for real: TLS with SuperNode authentication, the insecure default, and
-the opt-in warm ClientApp executor (flower_app/warm_executor.py).
+"""scripts/deploy_local.sh (``python -m deploy.local``) for real: TLS with SuperNode
+authentication and authenticated executors, the insecure default, and the opt-in warm ClientApp
+executor (deploy/warm_executor.py). The doors ``--secure`` closes: tests/test_deploy_security.py.
 
 Real processes on loopback, no mocks: each deployment gets free ports and a DEPLOY_DIR of its
 own, and is stopped by `scripts/deploy_local.sh stop` (by the PIDs it recorded) in its fixture's
 teardown, which then checks that every recorded PID is gone. `flwr run --stream` exits 0 even
 when the run fails, so runs are judged by their rounds.jsonl.
 
-The runs of the secure (stock executor) and the warm deployment must train the same model, bit
-for bit: the warm process keeps the app's clients live between messages, the stock path
-rebuilds them from `context.state` for every message.
+The runs of the secure deployment (one fresh `flwr-clientapp` per message, started by
+deploy/cold_executor.py) and of the warm one must train the same model, bit for bit: the warm
+process keeps the app's clients live between messages, the cold path rebuilds them from
+`context.state` for every message.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import httpx
 import pytest
 import torch
 
+from deploy.files import read_pids
 from flower_app.local_superlink import (
     BIN,
     free_port,
@@ -55,7 +58,7 @@ RUN_CONFIG = {
     "checkpoint-every": 0,  # one message less per run: each costs seconds on the stock path
     "chunk-taper": False,  # one chunk per client, likewise
 }
-STOCK_MODELS: dict[str, Path] = {}  # method -> model.pt of the secure (stock executor) run
+STOCK_MODELS: dict[str, Path] = {}  # method -> model.pt of the secure (cold executor) run
 
 
 def _plain(text: str) -> str:
@@ -93,13 +96,11 @@ class Deployment:
         return run_flwr(self.env | {"FLWR_HOME": str(home or self.home)}, *args, timeout=timeout)
 
     def pids(self) -> dict[str, int]:
-        pids_file = self.dir / "pids"
-        if not pids_file.exists():
-            return {}
-        return {
-            n: int(p)
-            for n, p in (line.split() for line in pids_file.read_text().split("\n") if line)
-        }
+        return {e.name: e.pid for e in read_pids(self.dir / "pids")}
+
+    def mode(self) -> dict[str, bool]:
+        state = json.loads((self.dir / "deployment.json").read_text())
+        return {"secure": state["secure"], "warm": state["warm"]}
 
     def online_nodes(self) -> list[str]:
         proc = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
@@ -185,6 +186,10 @@ def _cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
 
 
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 class TestSecure:
     def test_certificates_keys_and_connection(self, secure: Deployment):
         certs = secure.certs
@@ -218,24 +223,35 @@ class TestSecure:
         assert f'root-certificates = "{certs / "ca.crt"}"' in config
         assert Path(re.search(r'root-certificates = "(.+)"', config).group(1)).is_absolute()
         assert "insecure" not in config
-        assert (secure.dir / "mode").read_text().split() == ["secure=1", "warm=0"]
+        assert secure.mode() == {"secure": True, "warm": False}
 
         pids = secure.pids()
-        assert list(pids) == ["superlink", *(f"supernode-{i}" for i in range(NODES))]
+        assert list(pids) == [
+            "superlink",
+            "serverapp-executor",
+            *(f"supernode-{i}" for i in range(NODES)),
+            *(f"executor-{i}" for i in range(NODES)),
+        ]
         superlink = _cmdline(pids["superlink"])
+        assert superlink[1:3] == ["-m", "deploy.superlink_guard"]
         for flag in (
             "--ssl-ca-certfile",
             "--ssl-certfile",
             "--ssl-keyfile",
             "--enable-supernode-auth",
+            "--superexec-auth-secret-file",
         ):
             assert flag in superlink
         assert "--insecure" not in superlink
+        assert superlink[superlink.index("--isolation") + 1] == "process"
         for i in range(NODES):
             cmd = _cmdline(pids[f"supernode-{i}"])
             assert cmd[cmd.index("--root-certificates") + 1] == str(certs / "ca.crt")
             key = cmd[cmd.index("--auth-supernode-private-key") + 1]
             assert key == str(certs / f"supernode-{i}")
+            assert cmd[cmd.index("--isolation") + 1] == "process"
+            executor = _cmdline(pids[f"executor-{i}"])
+            assert executor[executor.index("--") + 1 :][1:3] == ["-m", "deploy.cold_executor"]
         assert len(secure.online_nodes()) == NODES
         status = secure.script("status")
         assert "SuperLink health: ok" in status.stdout  # https, checked against ca.crt
@@ -295,7 +311,7 @@ class TestSecure:
 
     @pytest.mark.slow
     def test_secure_runs(self, secure: Deployment, runs: Path):
-        """DSL and CSL end to end through TLS, with Flower's own executor."""
+        """DSL and CSL end to end through TLS, one fresh ClientApp process per message."""
         records = secure.run_apps(["dsl", "csl"], runs)
         assert records["dsl"]["bytes_gradients"] == 0
         assert records["csl"]["bytes_gradients"] == records["csl"]["bytes_activations"] > 0
@@ -309,7 +325,7 @@ def test_insecure_start_status_stop(tmp_path: Path):
     try:
         config = (dep.home / "config.toml").read_text()
         assert "insecure = true" in config and "root-certificates" not in config
-        assert (dep.dir / "mode").read_text().split() == ["secure=0", "warm=0"]
+        assert dep.mode() == {"secure": False, "warm": False}
         assert not dep.certs.exists()
         assert httpx.get(f"http://127.0.0.1:{dep.port}/health").is_success
         pids = dep.pids()
@@ -380,21 +396,23 @@ def main(grid: Grid, context: Context) -> None:
 class TestWarm:
     @pytest.mark.slow
     def test_warm_runs_equal_stock(self, warm: Deployment, runs: Path):
-        """The same models as the stock executor's runs, every message served by one process."""
+        """The same models as the cold executor's runs, every message served by one process."""
         records = warm.run_apps(["dsl", "csl"], runs)
         for r in records.values():
             assert r["client_rebuilds"] == 0  # the live clients were used: no rebuild from state
         pids = warm.pids()
         assert list(pids) == [
             "superlink",
+            "serverapp-executor",
             *(f"supernode-{i}" for i in range(NODES)),
-            *(f"warm-executor-{i}" for i in range(NODES)),
+            *(f"executor-{i}" for i in range(NODES)),
         ]
         assert pids == warm.recorded and all(process_alive(p) for p in pids.values())
         for i in range(NODES):
             supernode = _plain((warm.dir / f"supernode-{i}.log").read_text())
-            executor = _plain((warm.dir / f"warm-executor-{i}.log").read_text())
-            assert "Start `flwr-clientapp` process" not in supernode
+            executor = _plain((warm.dir / f"executor-{i}.log").read_text())
+            assert "Start `flwr-clientapp` process" not in supernode + executor
+            assert executor.count("supervisor: started") == 1  # one process, never restarted
             served = len(re.findall(r"warm executor: message \d+ ", executor))
             assert supernode.count("Receiving: ") == served > 0
             assert "--isolation" in _cmdline(pids[f"supernode-{i}"])
@@ -412,7 +430,8 @@ class TestWarm:
     @pytest.mark.slow
     def test_raising_app_and_app_change(self, warm: Deployment, tmp_path: Path):
         """A ClientApp that raises gets an Error reply back and the process lives on; a run of
-        another app (another FAB) restarts the executor in place (same PID, fresh modules)."""
+        another app (another FAB) replaces the warm process by a fresh one (fresh modules),
+        which its supervisor starts."""
         app = tmp_path / "probe"
         app.mkdir()
         write_app(app, "warm-probe", "warm_probe", PROBE_APP, 'out = ""\n')
@@ -421,14 +440,15 @@ class TestWarm:
         log, _ = warm.run(app, f"out='{out}'", timeout=300)
         assert out.exists(), log[-3000:] + warm.logs()
         result = json.loads(out.read_text())
-        executors = {warm.pids()[f"warm-executor-{i}"] for i in range(NODES)}
+        supervisors = {warm.pids()[f"executor-{i}"] for i in range(NODES)}
         assert len(result) == NODES
         for node in result.values():
             assert node["error"][0] == 2  # ErrorCode.CLIENT_APP_RAISED_EXCEPTION
             assert "boom on purpose" in node["error"][1]
-            assert node["pids"][0] == node["pids"][1] and node["pids"][0] in executors
-        assert {n["pids"][0] for n in result.values()} == executors
+            assert node["pids"][0] == node["pids"][1]  # the same process before and after
+        assert {_parent(n["pids"][0]) for n in result.values()} == supervisors
         for i in range(NODES):
-            executor = _plain((warm.dir / f"warm-executor-{i}.log").read_text())
+            executor = _plain((warm.dir / f"executor-{i}.log").read_text())
             assert "ValueError: boom on purpose" in executor
             assert ("restarting, the app changed" in executor) == app_changed
+            assert ("exited with status 75; restarting in 0.0 s" in executor) == app_changed

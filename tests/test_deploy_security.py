@@ -17,13 +17,16 @@ process of the deployment ever has a task token on its command line.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from deploy.commands import Commands, Layout, Settings
@@ -31,14 +34,17 @@ from deploy.files import (
     DeployDirError,
     Recorded,
     append_pid,
+    is_running,
     private_dir,
     read_pids,
     start_time,
 )
 from deploy.local import LocalDeployment
+from deploy.processes import descendants
 from deploy.superlink_guard import LoopbackOnly, parse_allowed
 from deploy.supervisor import RESTART_NOW, next_pause
 from deploy.warm_parts import SETUP_SECONDS, app_timeout
+from flower_app.local_superlink import free_port, free_port_block, write_app
 from tests.conftest import ROOT
 
 # -- the deployment directory -------------------------------------------------------------------
@@ -348,3 +354,209 @@ def test_supervisor_stops_its_child_on_sigterm(tmp_path: Path):
 def _zombie(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
+
+# -- real processes: a --secure --warm deployment of one SuperNode --------------------------------
+
+
+@pytest.fixture(scope="module")
+def secure_warm(tmp_path_factory: pytest.TempPathFactory):
+    directory = tmp_path_factory.mktemp("secure-warm") / "deploy"
+    settings = Settings(
+        nodes=1,
+        secure=True,
+        warm=True,
+        superlink_port=free_port(),
+        supernode_base_port=free_port_block(1),
+    )
+    dep = LocalDeployment(directory, settings)
+    with dep:
+        recorded = read_pids(dep.at.pids)
+        yield dep
+    assert not [e for e in recorded if is_running(e)]  # stopped, every one of them
+    assert not dep.at.pids.exists()
+
+
+def _acquire_unsigned(address: str, ca: Path | None) -> str:
+    """An AcquireTask without the SuperExec signature: what another local user could send."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    from deploy.runtime_api import retry_invoker
+
+    invoker = retry_invoker(max_time=10)
+    invoker.max_tries = 1
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=ca is None,
+        root_certificates=ca.read_bytes() if ca else None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        retry_invoker=invoker,
+    )
+    types = [TaskType.CLIENT_APP, TaskType.SERVER_APP]
+    with pytest.raises(httpx.HTTPStatusError) as refused:
+        client.AcquireTask(AcquireTaskRequest(supported_task_types=types))
+    client.close()
+    return f"{refused.value.response.status_code} {refused.value.response.text}"
+
+
+PROTOBUF = {"content-type": "application/protobuf"}  # an empty ListRunsRequest
+
+
+@pytest.mark.slow
+def test_secure_deployment_closes_its_doors(secure_warm: LocalDeployment):
+    dep, ca = secure_warm, secure_warm.certs / "ca.crt"
+    assert dep.dir.stat().st_mode & 0o777 == 0o700
+    for path in [*dep.at.secrets.iterdir(), dep.certs / "ca.key", dep.certs / "supernode-0"]:
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    # Neither Runtime API hands a task to a caller without the secret.
+    node_api = f"127.0.0.1:{dep.commands.node_port(0)}"
+    assert _acquire_unsigned(node_api, None).startswith("401 ")
+    assert _acquire_unsigned(f"127.0.0.1:{dep.port}", ca).startswith("401 ")
+    # The Control API answers the SuperLink's machine (127.0.0.1) only; Fleet and health anyone.
+    verify = ssl.create_default_context(cafile=ca)
+    for source, status in (("127.0.0.1", 200), ("127.0.0.2", 403)):
+        transport = httpx.HTTPTransport(local_address=source, verify=verify)
+        with httpx.Client(transport=transport, base_url=f"https://127.0.0.1:{dep.port}") as http:
+            listed = http.post("/v1/control/list-runs", content=b"", headers=PROTOBUF)
+            assert listed.status_code == status, (source, listed.text)
+            assert http.get("/health").status_code == 200
+    assert dep.flwr("ls", "local-deployment").returncode == 0
+
+
+PROBE_APP = '''\
+"""A warm executor's bad days: its ClientApp process is killed mid-message, then hangs."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+client = ClientApp()
+server = ServerApp()
+
+
+@client.query("pid")
+def pid(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"c": ConfigRecord({"pid": os.getpid()})}), reply_to=msg)
+
+
+@client.query("stall")
+def stall(msg: Message, context: Context) -> Message:
+    Path(context.run_config["marker"]).write_text(str(os.getpid()))  # the test kills us now
+    time.sleep(600)
+    return Message(RecordDict(), reply_to=msg)
+
+
+@client.query("hang")
+def hang(msg: Message, context: Context) -> Message:
+    time.sleep(600)  # far past reply-timeout
+    return Message(RecordDict(), reply_to=msg)
+
+
+def ask(grid: Grid, node: int, mtype: str) -> dict:
+    start = time.monotonic()
+    ids = list(grid.push_messages([Message(RecordDict(), dst_node_id=node, message_type=mtype)]))
+    while not (replies := list(grid.pull_messages(ids))):
+        if time.monotonic() > start + 240:
+            raise TimeoutError(mtype)
+        time.sleep(0.02)
+    reply, out = replies[0], {"type": mtype, "seconds": time.monotonic() - start}
+    if reply.has_error():
+        out["error"] = [int(reply.error.code), reply.error.reason]
+    else:
+        out["pid"] = reply.content["c"]["pid"]
+    return out
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    while not list(grid.get_node_ids()):
+        time.sleep(0.1)
+    node = sorted(grid.get_node_ids())[0]
+    steps = ["query.pid", "query.stall", "query.pid", "query.hang", "query.pid"]
+    out = [ask(grid, node, mtype) for mtype in steps]
+    Path(context.run_config["out"]).write_text(json.dumps(out))
+'''
+
+
+def _cmdlines(roots: list[int]) -> dict[int, list[str]]:
+    found = {}
+    for pid in [*roots, *descendants(roots)]:
+        try:
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        except OSError:
+            pass
+    return found
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.slow
+def test_killed_and_hung_client_apps_never_block_their_node(
+    secure_warm: LocalDeployment, tmp_path: Path
+):
+    """SIGKILL the warm ClientApp process mid-message: that message gets an Error reply (code 8)
+    at once, the supervisor starts a new process, the next message goes through. Then a handler
+    hangs past reply-timeout (5 s): an Error reply (code 8), a fresh process, the next message
+    goes through. The run finishes; no process ever had a task token on its command line."""
+    dep = secure_warm
+    marker, out = tmp_path / "marker", tmp_path / "out.json"
+    app = write_app(
+        tmp_path / "probe", "warm-probe", "warm_probe", PROBE_APP,
+        'marker = ""\nout = ""\nreply-timeout = 5.0\n',
+    )  # fmt: skip
+    config = f"marker='{marker}' out='{out}'"
+    started = dep.flwr(
+        "run", str(app), "local-deployment", "--format", "json", "--run-config", config
+    )
+    run_id = json.loads(started.stdout)["run-id"]
+    supervisor = dep.pids()["executor-0"]
+    seen: dict[int, list[str]] = {}
+    deadline = time.monotonic() + 240
+    while not marker.exists() or not marker.read_text():
+        assert time.monotonic() < deadline, (
+            "the stall handler never ran\n" + dep.at.log("executor-0").read_text()
+        )
+        seen |= _cmdlines(list(dep.pids().values()))
+        time.sleep(0.2)
+    victim = int(marker.read_text())
+    assert _parent(victim) == supervisor  # the warm process itself, a child of its supervisor
+    seen |= _cmdlines(list(dep.pids().values()))
+    os.kill(victim, signal.SIGKILL)
+    while not out.exists():
+        assert time.monotonic() < deadline, dep.at.log("executor-0").read_text()[-3000:]
+        time.sleep(0.5)
+    steps = json.loads(out.read_text())
+    print(f"\n[warm-probe] {steps}")
+    first, killed, second, hung, third = steps
+    assert first["pid"] == victim
+    assert killed["error"][0] == 8 and "died while handling this message" in killed["error"][1]
+    assert killed["seconds"] < 45  # Flower alone answers after its 60 s heartbeat timeout
+    assert second["pid"] not in (None, victim)
+    assert hung["error"][0] == 8 and "did not answer within 5 s (reply-timeout)" in hung["error"][1]
+    assert 5 <= hung["seconds"] < 45
+    assert third["pid"] not in (None, victim, second["pid"])
+    log = dep.at.log("executor-0").read_text()
+    assert f"(PID {victim}) exited with signal SIGKILL; restarting" in log
+    assert f"(PID {second['pid']}) exited with status 75; restarting in 0.0 s" in log
+    assert dep.pids()["executor-0"] == supervisor and _parent(third["pid"]) == supervisor
+
+    deadline = time.monotonic() + 60
+    while True:
+        runs = json.loads(dep.flwr("ls", "local-deployment", "--format", "json").stdout)["runs"]
+        status = next(r["status"] for r in runs if r["run-id"] == run_id)
+        if status.startswith("finished") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert status == "finished:completed"
+    argvs = [" ".join(argv) for argv in seen.values()]
+    assert not [a for a in argvs if "--token " in f"{a} " or "--resume-token" in a], argvs
+    assert [a for a in argvs if "serverapp" in a and "--token-file" in a], argvs  # the ServerApp
