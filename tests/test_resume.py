@@ -1,8 +1,11 @@
-"""Checkpoint and resume: a run killed (SIGKILL) or stopped (`flwr stop`) continues exactly.
+"""Checkpoint and resume: a run killed (SIGKILL), stopped (`flwr stop`), extended with more
+rounds, or left with too few clients continues exactly.
 
-Real `flwr run` simulations on the session's SuperLink. The interrupted runs are resumed with
-``resume-from`` and must end with the same weights, bit for bit, as a run never interrupted
-(one torch thread per party, as in every test), with each round in rounds.jsonl once.
+Real `flwr run` simulations on the session's SuperLink (and in-process simulations where a
+ClientApp of the test's own is needed). The interrupted runs are resumed with ``resume-from``
+and must end with the same weights, bit for bit, as a run never interrupted (one torch thread
+per party, as in every test), with each round in rounds.jsonl once. A resume that would
+continue another experiment, and a new run pointed at a used directory, are refused.
 """
 
 from __future__ import annotations
