@@ -1,15 +1,18 @@
 #!/usr/bin/env python
 """Per-message round trips and one-epoch runs of the app, for each deployment setup.
 
-For every setup it starts ``scripts/deploy_local.sh start 2 [...]`` on its own ports and
-DEPLOY_DIR, runs ``scripts/bench_messages.py`` (one message at a time to one SuperNode), then
-one round (= one epoch over each client's data) of the app with CSL and with DSL, and stops it:
+For every setup it starts a ``deploy.local.LocalDeployment`` of 2 SuperNodes (what
+``scripts/deploy_local.sh start 2 [...]`` starts) on its own ports and directory, runs
+``scripts/bench_messages.py`` (one message at a time to one SuperNode), then one round (= one
+epoch over each client's data) of the app with CSL and with DSL, and stops it:
 
-  stock   Flower's executor with Flower's task poll   FLWR_SUPEREXEC_TASK_POLL_INTERVAL=1.0
-  tuned   Flower's executor, task poll 0.1 s           (deploy_local.sh's default)
-  warm0   warm ClientApp process, stock sleeps         --warm, WARM_FAST_POLL=0
-  warmdb  warm, SuperLink state in a SQLite file       --warm, SUPERLINK_DATABASE=<file>
-  warm    warm ClientApp process, short SuperNode sleeps, in-memory SuperLink state  --warm
+  stock       Flower's executor with Flower's task poll    FLWR_SUPEREXEC_TASK_POLL_INTERVAL=1.0
+  tuned       Flower's executor, task poll 0.1 s            (deploy_local.sh's default)
+  secure      --secure: TLS, authenticated executors, one fresh ClientApp process per message
+  warm0       warm ClientApp process, stock sleeps          --warm, WARM_FAST_POLL=0
+  warmdb      warm, SuperLink state in a SQLite file        --warm, SUPERLINK_DATABASE=<file>
+  warm        warm ClientApp process, short sleeps, in-memory SuperLink state   --warm
+  securewarm  --secure --warm
 
     python scripts/measure_deployment.py --out measure [--setups stock,tuned,warm0,warm]
 
@@ -29,16 +32,18 @@ import sys
 import time
 from pathlib import Path
 
+from deploy.local import CONNECTION, LocalDeployment, Settings
 from flower_app.local_superlink import free_port_block
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SETUPS = {
-    "stock": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"}, []),
-    "tuned": ({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}, []),
-    "warm0": ({"WARM_FAST_POLL": "0"}, ["--warm"]),
-    "warmdb": ({"SUPERLINK_DATABASE": "{deploy}/linkstate.db"}, ["--warm"]),
-    "warm": ({}, ["--warm"]),
+SETUPS: dict[str, dict] = {  # Settings of each setup ("{deploy}": its deployment directory)
+    "stock": {"task_poll": 1.0},
+    "tuned": {"task_poll": 0.1},
+    "secure": {"secure": True},
+    "warm0": {"warm": True, "fast_poll": False},
+    "warmdb": {"warm": True, "database": "{deploy}/linkstate.db"},
+    "warm": {"warm": True},
+    "securewarm": {"secure": True, "warm": True},
 }
 TINY = {
     "depth": 8,
@@ -61,40 +66,25 @@ def sh(cmd: list[str], env: dict[str, str], timeout: float = 900) -> subprocess.
 
 def measure(label: str, out: Path, reps: int, samples: int, data_dir: str) -> dict:
     """``label``: a setup's name, or ``<setup>.<k>`` for its k-th repetition."""
-    setup = label.split(".")[0]
-    extra_env, flags = SETUPS[setup]
-    deploy = out / f"deploy-{label}"
-    extra_env = {k: v.format(deploy=deploy) for k, v in extra_env.items()}
-    env = (
-        os.environ
-        | extra_env
-        | {
-            "DEPLOY_DIR": str(deploy),
-            "SUPERLINK_PORT": str(free_port_block(1)),
-            "SUPERNODE_BASE_PORT": str(free_port_block(2)),
-            "FLWR_HOME": str(deploy / "flwr-home"),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-        }
+    deploy_dir = out / f"deploy-{label}"
+    options = {
+        k: v.format(deploy=deploy_dir) if isinstance(v, str) else v
+        for k, v in SETUPS[label.split(".")[0]].items()
+    }
+    settings = Settings(
+        nodes=2,
+        superlink_port=free_port_block(1),
+        supernode_base_port=free_port_block(2),
+        data_dir=data_dir,
+        **options,
     )
-    script = str(ROOT / "scripts" / "deploy_local.sh")
     result: dict = {"setup": label, "load_before": os.getloadavg()[0]}
-    started = sh([script, "start", "2", *flags], env)
-    if started.returncode != 0:
-        sh([script, "stop"], env)
-        raise RuntimeError(f"{setup}: start failed\n{started.stdout}{started.stderr}")
-    try:
+    with LocalDeployment(deploy_dir, settings) as dep:
         bench = out / f"rtt-{label}.json"
         proc = sh(
-            [
-                sys.executable,
-                str(ROOT / "scripts" / "bench_messages.py"),
-                "--reps",
-                str(reps),
-                "--out",
-                str(bench),
-            ],
-            env,
+            [sys.executable, str(ROOT / "scripts" / "bench_messages.py")]
+            + ["--reps", str(reps), "--out", str(bench)],
+            dep.env,
         )
         print(proc.stdout, proc.stderr[-2000:], flush=True)
         result["rtt"] = json.loads(bench.read_text()) if bench.exists() else None
@@ -109,18 +99,8 @@ def measure(label: str, out: Path, reps: int, samples: int, data_dir: str) -> di
             }
             overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
             t0 = time.monotonic()
-            proc = sh(
-                [
-                    str(BIN / "flwr"),
-                    "run",
-                    str(ROOT),
-                    "local-deployment",
-                    "--stream",
-                    "--run-config",
-                    overrides,
-                ],
-                env,
-            )
+            run = [str(dep.bin / "flwr"), "run", str(ROOT), CONNECTION, "--stream"]
+            proc = sh([*run, "--run-config", overrides], dep.env)
             wall = time.monotonic() - t0
             rounds = out / "runs" / name / "rounds.jsonl"
             if not rounds.exists():
@@ -128,24 +108,17 @@ def measure(label: str, out: Path, reps: int, samples: int, data_dir: str) -> di
                 result[method] = None
                 continue
             r = json.loads(rounds.read_text().splitlines()[0])
-            result[method] = {
-                "flwr_run_seconds": wall,
-                **{
-                    k: r.get(k)
-                    for k in (
-                        "round_seconds",
-                        "train_seconds",
-                        "eval_seconds",
-                        "train_messages",
-                        "client_rebuilds",
-                        "failed_clients",
-                        "test_accuracy",
-                    )
-                },
-            }
+            keys = (
+                "round_seconds",
+                "train_seconds",
+                "eval_seconds",
+                "train_messages",
+                "client_rebuilds",
+                "failed_clients",
+                "test_accuracy",
+            )
+            result[method] = {"flwr_run_seconds": wall, **{k: r.get(k) for k in keys}}
         result["load_after"] = os.getloadavg()[0]
-    finally:
-        print(sh([script, "stop"], env).stdout, flush=True)
     return result
 
 

@@ -1,13 +1,10 @@
 """The Deployment Engine for real, on loopback: one SuperLink, two SuperNodes, `flwr run`.
 
-No simulation and no mocks: a `flower-superlink` and two `flower-supernode` processes are
-started here, each on a free port of 127.0.0.1, with a private FLWR_HOME, so nothing collides
-with a developer's SuperLink (9091-9093, 8000, 39091-39093, ...). Flower 1.42 serves the
-SuperLink's Fleet, Control and Runtime APIs on ONE HTTP port (`--host/--port`); the legacy gRPC
-servers start only when FLWR_INTERNAL_GRPC_* is set (removed from the env below) and the health
-server only with `--health-server-address` (not passed). A SuperNode binds one port, its Runtime
-(ClientAppIo) HTTP API (`--port`). `flwr run` talks to the SuperLink's Control API, i.e. the
-same `--port`, through a `[superlink.local-deployment]` connection in `$FLWR_HOME/config.toml`.
+No simulation and no mocks: a `flower-superlink` and two `flower-supernode` processes, Flower's
+own, started by `deploy.local.LocalDeployment` (the one local deployment the script and the
+benchmarks use too) on free ports of 127.0.0.1 with a private FLWR_HOME and directory, so
+nothing collides with a developer's SuperLink. `flwr run` talks to the SuperLink's Control API
+through the `local-deployment` connection the deployment writes into its `FLWR_HOME`.
 
 In deployment every message a SuperNode receives starts a fresh `flwr-clientapp` process (the
 SuperNode logs count them; checked below). The ClientApp's in-process cache is therefore always
@@ -15,8 +12,8 @@ empty, and every step after `query.setup` must rebuild the client from `context.
 runs prove that `context.state` is the source of truth: the weights they produce equal the
 in-process reference's (`flower_app.reference`), message for message.
 
-All processes are stopped by PID (their process groups, then any descendant left) in the
-fixture's teardown, also when a test or the start-up fails.
+All processes are stopped by PID (their process groups, then any descendant left) when the
+deployment's `with` block ends, also when a test or the start-up fails.
 """
 
 from __future__ import annotations
@@ -27,24 +24,16 @@ import math
 import os
 import re
 import signal
-import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
+from deploy.local import CONNECTION, LocalDeployment, Settings
 from flower_app import reference
-from flower_app.local_superlink import (
-    BIN,
-    flower_env,
-    free_port,
-    process_alive,
-    run_flwr,
-    stop_process,
-)
+from flower_app.local_superlink import free_port, free_port_block
 from flower_app.results import read_rounds
 from models import cut_shape
 from split_core.config import RunConfig
@@ -52,7 +41,6 @@ from tests.conftest import ROOT, TINY, data_dir
 
 pytestmark = pytest.mark.slow  # real Flower runs: deselect with -m 'not slow'
 
-CONNECTION = "local-deployment"
 NUM_NODES = 2
 # Every message the SuperNode pulls is logged as "Receiving: <type> message", then it starts one
 # ClientApp process for it.
@@ -80,22 +68,18 @@ class FlowerRun:
 
 @dataclass
 class Deployment:
-    env: dict[str, str]
-    home: Path
+    local: LocalDeployment
     out: Path
-    port: int
-    supernode_logs: list[Path]
-    procs: list[subprocess.Popen] = field(default_factory=list)
 
-    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return run_flwr(self.env, *args, timeout=timeout, cwd=ROOT)
+    @property
+    def supernode_logs(self) -> list[Path]:
+        return [self.local.at.log(f"supernode-{i}") for i in range(self.local.settings.nodes)]
+
+    def flwr(self, *args: str, timeout: float = 60):  # noqa: ANN201
+        return self.local.flwr(*args, timeout=timeout)
 
     def online_nodes(self) -> list[str]:
-        proc = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
-        if proc.returncode != 0:
-            return []
-        nodes = json.loads(proc.stdout).get("nodes", [])
-        return [n["node-id"] for n in nodes if n["status"] == "online"]
+        return [str(n) for n in self.local.online_nodes()]
 
     def run(self, name: str, config: dict, timeout: float = 240) -> FlowerRun:
         """`flwr run <ROOT> local-deployment --stream`; data-dir comes from the node config."""
@@ -143,146 +127,19 @@ class Deployment:
         return out
 
 
-def _ports(n: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < n:
-        if (port := free_port()) not in ports:
-            ports.append(port)
-    return ports
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        tree.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    return tree
-
-
-def _descendants(pids: list[int]) -> set[int]:
-    tree, found, todo = _children(), set(), list(pids)
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with log.open("wb") as fh:
-        return subprocess.Popen(
-            cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _stop_all(procs: list[subprocess.Popen]) -> None:
-    """SuperNodes first (they de-register), then the SuperLink; each by its process group.
-
-    The SuperLink's SuperExec (and the ServerApp it spawns) runs in a session of its own and only
-    follows its parent's death by polling: whatever outlives the groups is killed by PID.
-    """
-    spawned = _descendants([p.pid for p in procs])
-    for proc in reversed(procs):
-        try:
-            stop_process(proc)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 5
-    while any(process_alive(pid) for pid in spawned) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in spawned:
-        if process_alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 @contextlib.contextmanager
 def deploy(tmp: Path, num_nodes: int):
-    """A SuperLink and ``num_nodes`` SuperNodes on loopback, stopped by PID afterwards."""
-    cifar = data_dir()
-    home, out, logs = tmp / "flwr-home", tmp / "runs", tmp / "logs"
-    for d in (home, out, logs):
-        d.mkdir()
-    port, *node_ports = _ports(1 + num_nodes)
-    # The local-SuperLink ports point at ours: should `flwr` ever try to start a local SuperLink,
-    # it fails on a busy port instead of touching a developer's.
-    env = flower_env(home, port, port)
-    for key in ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API"):
-        env.pop(key, None)
-    # Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by bare name; without
-    # them on PATH (venv not activated) the SuperLink exits at start-up (FileNotFoundError).
-    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    """A SuperLink and ``num_nodes`` SuperNodes (Flower's own processes) on loopback."""
+    settings = Settings(
+        nodes=num_nodes,
+        superlink_port=free_port(),
+        supernode_base_port=free_port_block(num_nodes),
+        data_dir=data_dir(),
     )
-    dep = Deployment(env, home, out, port, [logs / f"supernode-{i}.log" for i in range(num_nodes)])
-    try:
-        superlink_log = logs / "superlink.log"
-        superlink = _start(
-            [
-                str(BIN / "flower-superlink"),
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                # a file: `--database :memory:` breaks (sqlite3 "cannot commit transaction")
-                "--database",
-                str(tmp / "linkstate.db"),
-            ],
-            env,
-            superlink_log,
-        )
-        dep.procs.append(superlink)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            if superlink.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"SuperLink did not start:\n{superlink_log.read_text()[-3000:]}")
-            time.sleep(0.2)
-
-        for pid, (node_port, log) in enumerate(zip(node_ports, dep.supernode_logs, strict=True)):
-            node_config = f"partition-id={pid} num-partitions={num_nodes} data-dir='{cifar}'"
-            dep.procs.append(
-                _start(
-                    [
-                        str(BIN / "flower-supernode"),
-                        "--insecure",
-                        "--superlink",
-                        f"127.0.0.1:{port}",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",  # its Runtime (ClientAppIo) HTTP API
-                        str(node_port),
-                        "--node-config",
-                        node_config,
-                    ],
-                    env,
-                    log,
-                )
-            )
-        deadline = time.monotonic() + 60
-        while len(dep.online_nodes()) < num_nodes:
-            dead = [p.args for p in dep.procs if p.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                tails = "\n".join(p.read_text()[-1500:] for p in dep.supernode_logs)
-                pytest.fail(f"SuperNodes did not register (exited: {dead}):\n{tails}")
-            time.sleep(0.5)
-        yield dep
-    finally:
-        _stop_all(dep.procs)
+    out = tmp / "runs"
+    out.mkdir()
+    with LocalDeployment(tmp / "deploy", settings) as local:
+        yield Deployment(local, out)
 
 
 @pytest.fixture(scope="module")
@@ -394,9 +251,9 @@ def test_a_supernode_killed_after_round_1_leaves_a_run_that_finishes(tmp_path, o
         while not (run_dir / "rounds.jsonl").exists() or not read_rounds(run_dir):
             assert time.monotonic() < deadline, "round 1 never ended"
             time.sleep(0.5)
-        victim = dep.procs[3]  # SuperNode with partition-id 2
-        os.killpg(victim.pid, signal.SIGKILL)
-        victim.wait()
+        victim = dep.local.pids()["supernode-2"]  # partition-id 2
+        os.killpg(victim, signal.SIGKILL)
+        os.waitpid(victim, 0)
         deadline = time.monotonic() + 300
         while True:
             runs = json.loads(dep.flwr("ls", CONNECTION, "--format", "json").stdout)["runs"]
