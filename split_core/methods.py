@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -19,8 +19,33 @@ from models import build_aux_head, cut_shape, split_resnet
 from split_core.compute import Compute
 from split_core.steps import Phases, StepResult, client_aux_step, client_backward, client_forward
 
-if TYPE_CHECKING:
-    from split_core.config import RunConfig
+
+class MethodConfig(Protocol):
+    """The run-config fields a method and the client model are built from.
+
+    ``split_core.config.RunConfig`` has them; naming them here keeps this module free of the
+    config, which imports it to check ``method`` and to ask a method how it schedules.
+    """
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def feedback_every(self) -> int: ...
+    @property
+    def feedback_alpha(self) -> float: ...
+    @property
+    def aux_weight(self) -> float: ...
+    @property
+    def depth(self) -> int: ...
+    @property
+    def cut(self) -> int: ...
+    @property
+    def aux_head(self) -> str: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def num_classes(self) -> int: ...
+
 
 AUX_SEED_OFFSET = 1  # the aux head gets its own seed so the ResNet init matches the unsplit one
 
@@ -46,7 +71,7 @@ class SplitMethod(ABC):
     uses_aux_head: ClassVar[bool]
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> SplitMethod:
+    def from_config(cls, cfg: MethodConfig) -> SplitMethod:
         return cls()
 
     def needs_gradient(self, batch: int) -> bool:
@@ -90,7 +115,7 @@ class DSL(SplitMethod):
         self.feedback_every, self.alpha, self.aux_weight = feedback_every, alpha, aux_weight
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> DSL:
+    def from_config(cls, cfg: MethodConfig) -> DSL:
         return cls(cfg.feedback_every, cfg.feedback_alpha, cfg.aux_weight)
 
     def needs_gradient(self, batch: int) -> bool:
@@ -156,11 +181,11 @@ class CSL(SplitMethod):
 METHODS: dict[str, type[SplitMethod]] = {m.name: m for m in (DSL, CSL)}
 
 
-def make_method(cfg: RunConfig) -> SplitMethod:
+def make_method(cfg: MethodConfig) -> SplitMethod:
     return METHODS[cfg.method].from_config(cfg)
 
 
-def client_modules(cfg: RunConfig) -> dict[str, nn.Module | None]:
+def client_modules(cfg: MethodConfig) -> dict[str, nn.Module | None]:
     """The client's trainable parts as every party builds them from the seed (on the CPU)."""
     segment, _ = split_resnet(cfg.depth, cfg.cut, cfg.num_classes, cfg.seed)
     aux = None
