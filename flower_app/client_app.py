@@ -1,11 +1,8 @@
 """Flower ClientApp: thin handlers around ``SplitClient``, with ``context.state`` as the truth.
 
-Message types (server -> client):
-  query.setup     run config; the client finds its data and cuts its partition
-  train.forward   next batch (CSL) or next chunk of batches (DSL); the first of a round
-                  carries the global client weights
-  train.backward  CSL only: dL/d(activations) of the last batch, and a request for the next
-  evaluate        test-set activations; the first of a round carries the global weights
+Each handler decodes its request, lets the client answer it and encodes the reply; the message
+types and their contents are in ``split_core.protocol``. A client's failure goes back as an
+Error reply with a short reason, and never leaves a half-applied step in the cache.
 
 A process keeps at most ``live-clients`` SplitClients warm (least recently used first out):
 Ray hands a node's message to whichever actor is idle, so a cache per node would grow with
@@ -24,16 +21,33 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from flower_app.client import SplitClient
+from split_core import client_state, protocol
+from split_core.client import SplitClient
 from split_core.config import RunConfig
 from split_core.payload import record_bytes
+from split_core.protocol import (
+    CheckpointReply,
+    EvaluateRequest,
+    RestoreReply,
+    RestoreRequest,
+    SetupReply,
+    SetupRequest,
+    TrainRequest,
+)
 
 app = ClientApp()
 log = logging.getLogger(__name__)
+
+
+def handles(message_type: str) -> Callable:
+    """Register a handler for one of the protocol's message types."""
+    category, action = protocol.split_type(message_type)
+    register = getattr(app, category)
+    return register(action) if action else register()
 
 
 class LiveClients:
@@ -68,100 +82,105 @@ class LiveClients:
 LIVE = LiveClients()
 
 
-@app.query("setup")
+@handles(protocol.SETUP)
 def setup(msg: Message, context: Context) -> Message:
     def run() -> RecordDict:
-        cfg = RunConfig.from_run_config(dict(msg.content["config"]))
+        cfg = RunConfig.from_run_config(SetupRequest.decode(msg.content).run_config)
         node = context.node_config
-        missing = [k for k in ("partition-id", "num-partitions") if k not in node]
+        missing = [k for k in (protocol.PARTITION_ID, protocol.NUM_PARTITIONS) if k not in node]
         if missing:
             raise ValueError(
                 f"node config lacks {missing}: start the SuperNode with "
-                '--node-config "partition-id=<i> num-partitions=<n>"'
+                f'--node-config "{protocol.PARTITION_ID}=<i> {protocol.NUM_PARTITIONS}=<n>"'
             )
-        data_dir = str(node.get("data-dir", cfg.data_dir))
+        data_dir = str(node.get(protocol.DATA_DIR, cfg.data_dir))
         cpus, gpus = assigned_resources()
-        _set_threads(cfg, int(node["num-partitions"]))
-        pid, parts = int(node["partition-id"]), int(node["num-partitions"])
-        if _same_setup(context, cfg, pid, parts, data_dir):  # set up again after a failure
+        pid, parts = int(node[protocol.PARTITION_ID]), int(node[protocol.NUM_PARTITIONS])
+        _set_threads(cfg, parts)
+        wanted = client_state.identity(cfg, pid, parts, data_dir)
+        if client_state.same_setup(context.state, wanted):  # set up again after a failure
             client, _ = _restore(context)
         else:
             client = SplitClient.create(cfg, pid, parts, data_dir)
         client.save(context.state)
         LIVE.put(_key(context), client)
-        metrics = {
-            "partition-id": client.partition_id,
-            "num-partitions": client.num_partitions,
-            "train-examples": len(client.train_idx),
-            "test-examples": len(client.test_idx),
-            "cpus": cpus,
-            "gpus": gpus,
-            "torch-threads": torch.get_num_threads(),
-            "state-bytes": state_bytes(context),
-        }
-        return RecordDict(
-            {
-                "metrics": MetricRecord(metrics),
-                "info": ConfigRecord(
-                    {"data-source": client.data.source, "device": str(client.compute.device)}
-                ),
-            }
+        reply = SetupReply(
+            partition_id=client.partition_id,
+            num_partitions=client.num_partitions,
+            train_examples=len(client.train_idx),
+            test_examples=len(client.test_idx),
+            cpus=cpus,
+            gpus=gpus,
+            torch_threads=torch.get_num_threads(),
+            state_bytes=state_bytes(context),
+            data_source=client.data.source,
+            device=str(client.compute.device),
         )
+        return reply.content()
 
     return _reply(msg, context, run)
 
 
-@app.query("checkpoint")
+@handles(protocol.CHECKPOINT)
 def checkpoint(msg: Message, context: Context) -> Message:
     """The client's optimizer state, for the server's checkpoint (momentum spans rounds)."""
-    return _reply(msg, context, lambda: RecordDict({"optim": _restore(context)[0].momentum()}))
+    return _reply(msg, context, lambda: CheckpointReply(_restore(context)[0].momentum()).content())
 
 
-@app.query("restore")
+@handles(protocol.RESTORE)
 def restore(msg: Message, context: Context) -> Message:
     """Optimizer state from a checkpoint, when a run resumes."""
 
     def run() -> RecordDict:
+        request = RestoreRequest.decode(msg.content)
         client, _ = _restore(context)
-        client.load_momentum(msg.content["optim"])
+        client.load_momentum(request.optimizer)
         client.save(context.state)
         LIVE.put(_key(context), client)
-        return RecordDict({"metrics": MetricRecord({"restored": len(msg.content["optim"])})})
+        return RestoreReply(len(request.optimizer)).content()
 
     return _reply(msg, context, run)
 
 
-@app.train("forward")
-@app.train("backward")
+@handles(protocol.TRAIN_FORWARD)
+@handles(protocol.TRAIN_BACKWARD)
 def train(msg: Message, context: Context) -> Message:
     """Both types go to ``SplitClient.train``: a backward message just also carries a gradient."""
-    return _reply(msg, context, lambda: _step(context, SplitClient.train, msg.content))
+
+    def step(client: SplitClient) -> protocol.TrainReply:
+        client.start_measuring()  # this message's peaks
+        return client.train(TrainRequest.decode(msg.content))
+
+    return _reply(msg, context, lambda: _step(context, step))
 
 
-@app.evaluate()
+@handles(protocol.EVALUATE)
 def evaluate(msg: Message, context: Context) -> Message:
-    return _reply(msg, context, lambda: _step(context, SplitClient.evaluate, msg.content))
+    def step(client: SplitClient) -> protocol.EvaluateReply:
+        return client.evaluate(EvaluateRequest.decode(msg.content))
+
+    return _reply(msg, context, lambda: _step(context, step))
 
 
 def _step(
-    context: Context, handler: Callable[[SplitClient, RecordDict], RecordDict], content: RecordDict
+    context: Context,
+    handler: Callable[[SplitClient], protocol.TrainReply | protocol.EvaluateReply],
 ) -> RecordDict:
     t0 = time.perf_counter()
     client, rebuilt = _restore(context)
-    reply = handler(client, content)
+    reply = handler(client)
     client.save(context.state)
     LIVE.put(_key(context), client)
-    reply["metrics"]["handler-seconds"] = time.perf_counter() - t0  # restore + step + save
-    reply["metrics"]["rebuilt"] = int(rebuilt)
-    reply["metrics"]["live-clients"] = len(LIVE)
-    reply["metrics"]["state-bytes"] = state_bytes(context)
-    return reply
+    m = reply.metrics
+    m.handler_seconds = time.perf_counter() - t0  # restore + step + save
+    m.rebuilt, m.live_clients, m.state_bytes = int(rebuilt), len(LIVE), state_bytes(context)
+    return reply.content()
 
 
 def _restore(context: Context) -> tuple[SplitClient, bool]:
     """The live client if it is exactly the one ``context.state`` describes, else a rebuild."""
-    meta = context.state.get("split.meta")
-    cached = LIVE.get(_key(context), meta["version"]) if meta is not None else None
+    version = client_state.saved_version(context.state)
+    cached = LIVE.get(_key(context), version) if version is not None else None
     if cached is not None:
         return cached, False
     client = SplitClient.from_state(context.state)
@@ -180,16 +199,6 @@ def _reply(msg: Message, context: Context, run: Callable[[], RecordDict]) -> Mes
         return Message(
             Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg
         )
-
-
-def _same_setup(context: Context, cfg: RunConfig, pid: int, parts: int, data_dir: str) -> bool:
-    saved = context.state.get("split.config")
-    wanted = cfg.to_run_config() | {
-        "partition-id": pid,
-        "num-partitions": parts,
-        "node-data-dir": data_dir,
-    }
-    return saved is not None and dict(saved) == wanted
 
 
 def assigned_resources() -> tuple[float, float]:

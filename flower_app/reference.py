@@ -1,35 +1,31 @@
 """In-process split learning without Flower: the speed baseline and the tests' oracle.
 
-It runs the very same steps as the Flower apps (``SplitClient`` data and modules, the method's
-client step, ``ServerSegment.train_on``, ``fedavg``) in one process, with no messages. Batches
-are visited in the same order as the strategy's round-robin, so for the same config it
-reproduces a Flower run's weights. One ``SavedTensorsMeter`` watches both parties at once, which
-is the paper's single-device setting: CSL's client graph is alive while the server steps.
+Each client answers the same typed requests as behind the ClientApp (``SplitClient.train`` and
+``SplitClient.evaluate``: its own chunking, steps and wire format), and the server segment
+trains on what comes through the wire, in one process with no messages. Replies are consumed
+in the strategy's turn order (``Turns``) and averaged with its ``FedAvg``, so for the same
+config it reproduces a Flower run's weights. One ``SavedTensorsMeter`` watches both parties at
+once, which is the paper's single-device setting: CSL's client graph is alive while the server
+steps; a returned gradient is applied at once, so one client graph is held at a time.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord
 
-from flower_app.client import SplitClient
+from split_core.client import SplitClient
 from split_core.compute import seeded_generator
 from split_core.config import RunConfig, parse_overrides
 from split_core.metering import SavedTensorsMeter
-from split_core.payload import (
-    decode_activations,
-    decode_gradient,
-    encode_activations,
-    encode_gradient,
-    encode_modules,
-    load_modules,
-)
+from split_core.payload import decode_activations, encode_gradient, encode_modules
+from split_core.protocol import EvaluateRequest, TrainRequest
 from split_core.steps import Phases
 from strategies.aggregation import FedAvg
 from strategies.exchange import Turns
@@ -67,60 +63,45 @@ def train(cfg: RunConfig, num_clients: int = 1, rounds: int | None = None) -> Re
 def train_round(run: ReferenceRun, rnd: int, weights: ArrayRecord) -> ArrayRecord:
     """One pass over every client's data in the strategy's turn order (``Turns``); then FedAvg."""
     cfg, server, meter = run.cfg, run.server, run.server.meter
-    lr = cfg.lr_at(rnd)
+    lr, wire = cfg.lr_at(rnd), cfg.payload_dtype
     server.set_lr(lr)
     meter.reset_peak()
     client_phases, server_phases = Phases(), Phases()
-    loss = aux_loss = 0.0
-    examples = 0
+    losses, aux_losses, examples = [], [], 0
     t0 = time.perf_counter()
-    for client in run.clients:
-        load_modules(weights, client.modules)
-        client.epoch = rnd - 1
-        for group in client.parts.optimizer.param_groups:
-            group["lr"] = lr
-    replies = [_replies(client) for client in run.clients]
-    sent = [0] * len(run.clients)
+    requests = [TrainRequest(rnd, lr, weights=weights) for _ in run.clients]
+    seen = [0] * len(run.clients)  # batches of each client the server has stepped on
     turns, fedavg = Turns(list(range(len(run.clients))), cfg.max_active_clients), FedAvg(weights)
-    wire = cfg.payload_dtype
     while (i := turns.current()) is not None:
-        client, method = run.clients[i], run.clients[i].method
-        chunk = replies[i][sent[i]]
-        with meter.track():
-            outs, labels, pending = [], [], None
-            for batch in chunk:  # the client's part of one message
-                x, y = client.train_batch(rnd - 1, batch)
-                acts, aux, pending = method.client_batch(client.parts, x, y, client_phases, batch)
-                outs.append(acts)
-                labels.append(y)
-                aux_loss += aux.loss * len(y) if aux is not None else 0.0
-            if chunk:  # through the wire, as the server receives it
-                record = encode_activations(torch.cat(outs), torch.cat(labels), wire)
-                acts, y = decode_activations(
-                    record, client.shape, cfg.num_classes, server.device, wire
-                )
-                flags = [method.needs_gradient(b) for b in chunk]
-                result, grad = server.train_on(acts, y, server_phases, flags)
-                loss += result.loss
-                examples += len(y)
-            if chunk and grad is not None:
-                rounding = seeded_generator(cfg.seed, rnd, client.partition_id, chunk[-1] + 1)
-                record = encode_gradient(grad, wire, rounding)
-                grad = decode_gradient(record, pending.acts, wire)
-                method.client_gradient(client.parts, pending, grad, client_phases)
-            del outs, pending
-        sent[i] += 1
-        finished = sent[i] == len(replies[i])
-        if finished:  # the strategy adds each client as its final reply is consumed
-            arrays = {k: a.numpy() for k, a in encode_modules(client.modules).items()}
-            fedavg.add(arrays, len(client.train_idx))
-        turns.advance(finished)
+        client = run.clients[i]
+        reply, requests[i] = client.train(requests[i]), TrainRequest(rnd, lr)
+        m = reply.metrics
+        client_phases.forward += m.forward_seconds
+        client_phases.backward += m.backward_seconds
+        aux_losses.append(m.aux_loss_sum)
+        if reply.activations is not None:  # through the wire, as the server receives it
+            acts, y = decode_activations(
+                reply.activations, client.shape, cfg.num_classes, server.device, wire
+            )
+            batches = math.ceil(len(y) / cfg.batch_size)
+            flags = [client.method.needs_gradient(seen[i] + b) for b in range(batches)]
+            result, grad = server.train_on(acts, y, server_phases, flags)
+            seen[i] += batches
+            losses.append(result.loss)
+            examples += len(y)
+            if grad is not None:  # applied at once, as the client's next message would
+                rounding = seeded_generator(cfg.seed, rnd, client.partition_id, seen[i])
+                client.apply_gradient(encode_gradient(grad, wire, rounding), client_phases)
+        if m.done:  # the strategy adds each client as its final reply is consumed
+            fedavg.add({k: a.numpy() for k, a in reply.weights.items()}, m.epoch_examples)
+        turns.advance(m.done)
+    uses_aux = run.clients[0].method.uses_aux_head
     run.history.append(
         {
             "round": rnd,
             "method": cfg.method,
-            "train_loss": loss / max(examples, 1),
-            "aux_train_loss": aux_loss / examples if run.clients[0].method.uses_aux_head else None,
+            "train_loss": math.fsum(losses) / max(examples, 1),
+            "aux_train_loss": math.fsum(aux_losses) / examples if uses_aux else None,
             "train_seconds": time.perf_counter() - t0,
             "train_examples": examples,
             "client_compute_seconds": client_phases.total,
@@ -131,44 +112,25 @@ def train_round(run: ReferenceRun, rnd: int, weights: ArrayRecord) -> ArrayRecor
     return fedavg.result()
 
 
-def _replies(client: SplitClient) -> list[list[int]]:
-    """The batches each of the client's training replies carries, as the ClientApp sends them
-    (``SplitClient.chunk_budget``), a chunk ending early at a batch that waits for a gradient;
-    after a last batch that waited (CSL), one more reply carries no batch, only the weights."""
-    chunks, current = [], []
-    for batch in range(client.num_batches):
-        current.append(batch)
-        budget = client.chunk_budget(batch - len(current) + 1)
-        if client.method.needs_gradient(batch) or len(current) == budget:
-            chunks.append(current)
-            current = []
-    if current:
-        chunks.append(current)
-    if not chunks or client.method.needs_gradient(client.num_batches - 1):
-        chunks.append([])
-    return chunks
-
-
-def evaluate(run: ReferenceRun, weights) -> dict[str, float | None]:
+def evaluate(run: ReferenceRun, weights: ArrayRecord) -> dict[str, float | None]:
     """The clients' own evaluate handler, with the server segment on the activations."""
     correct = aux_correct = examples = 0
     for client in run.clients:
-        request = RecordDict({"arrays": weights, "config": ConfigRecord({"round": 0})})
+        request = EvaluateRequest(0, weights)
         while True:
-            reply = client.evaluate(request)
-            request = RecordDict({"config": ConfigRecord({"round": 0})})
-            if "acts" in reply:
+            reply, request = client.evaluate(request), EvaluateRequest(0)
+            if reply.activations is not None:
                 acts, labels = decode_activations(
-                    reply["acts"],
+                    reply.activations,
                     client.shape,
                     run.cfg.num_classes,
                     run.server.device,
                     run.cfg.payload_dtype,
                 )
                 correct += run.server.evaluate_on(acts, labels, Phases()).correct
-            aux_correct += int(reply["metrics"]["aux-correct"])
-            examples += int(reply["metrics"]["num-examples"])
-            if reply["metrics"]["done"]:
+            aux_correct += reply.metrics.aux_correct
+            examples += reply.metrics.num_examples
+            if reply.metrics.done:
                 break
     uses_aux = run.clients[0].method.uses_aux_head
     return {

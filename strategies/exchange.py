@@ -3,7 +3,8 @@
 ``grid.send_and_receive`` blocks on a whole batch of messages and sleeps between polls (0.1 s in
 simulation, 3 s in deployment), which would cost that much per mini-batch. Instead this loop
 pushes one message per client, polls ``pull_messages`` with a short back-off, and lets the
-strategy answer each reply as soon as it is its turn.
+phase (``strategies.phases``: training, evaluation, a query) answer each reply as soon as it is
+its turn.
 
 Two bounds keep the server's memory set by what is in flight, not by the data or by K:
   - at most ``window`` clients are active at once (``max-active-clients``); a client that is done
@@ -22,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -29,9 +31,6 @@ from flwr.serverapp import Grid
 from split_core.payload import PayloadError
 
 log = logging.getLogger(__name__)
-
-RequestNext = Callable[[int, Message], Message | None]
-Consume = Callable[[int, Message], tuple[Message | None, bool]]
 
 
 class Turns:
@@ -86,7 +85,32 @@ class ExchangeReport:
     peak_active: int = 0  # clients in flight at once, at most
 
 
+class Phase(Protocol):
+    """One kind of message exchanged with every client of a round (``strategies.phases``)."""
+
+    ordered: bool  # consume replies in turn order (training) or as they arrive (evaluation)
+
+    def first_messages(self) -> list[Message]:
+        """One message per client, in partition order: the order of ``Turns``."""
+
+    def on_arrival(self, node: int, reply: Message) -> Message | None:
+        """A follow-up that needs no server computation, sent as soon as the reply lands
+        (DSL's next chunk: the client computes while the server trains)."""
+
+    def consume(self, node: int, reply: Message) -> tuple[Message | None, bool]:
+        """Use the reply (in turn order when ``ordered``); returns a follow-up (CSL's gradient)
+        and whether the client is finished."""
+
+
 class Exchange:
+    """Runs one phase over a window of clients: push, poll, answer each reply in turn.
+
+    A ``PayloadError`` from the phase drops that client for the rest of the exchange; by then
+    the reply has been validated, so the server model was not touched. So does an error reply
+    (Flower's error code is kept: the roster tells dead nodes by it), a refused push, and no
+    reply within ``timeout``; a timed-out message is forgotten (no longer polled).
+    """
+
     def __init__(
         self,
         grid: Grid,
@@ -100,131 +124,158 @@ class Exchange:
         self.grid, self.timeout, self.max_poll = grid, timeout, max_poll_interval
         self.window, self.max_queued = window, max_queued
         self.should_stop, self.stop_check_seconds = should_stop, stop_check_seconds
+        self.in_flight: dict[str, tuple[int, float]] = {}  # message id -> node, time sent
 
-    def run(
-        self,
-        first: list[Message],
-        *,
-        request_next: RequestNext,
-        consume: Consume,
-        ordered: bool = True,
-    ) -> ExchangeReport:
-        """Drive every client until it is done or has failed.
+    def run(self, phase: Phase) -> ExchangeReport:
+        """Drive every client of ``phase`` until it is done or has failed."""
+        self._begin(phase)
+        self._start([n for n in self.turns.order if n in self.turns.active])
+        while self.turns.active:
+            progressed = self._collect()
+            progressed |= self._consume_ready()
+            self._expire()
+            self._check_stop()
+            self._pause(progressed)
+        self.report.wait_seconds = time.perf_counter() - self._t_start - self._busy
+        return self.report
 
-        ``request_next(node, reply)`` runs when a reply lands and may return a follow-up that
-        needs no server computation (DSL's next chunk: the client computes while the server
-        trains). ``consume(node, reply)`` runs in turn order (``ordered``) or at arrival, and
-        returns a follow-up (CSL's gradient) and whether the client is finished. A PayloadError
-        from either drops that client for the rest of the exchange; by then the reply has been
-        validated, so the server model was not touched.
-        """
-        report = ExchangeReport()
+    # ------------------------------------------------------------------------- state
+    def _begin(self, phase: Phase) -> None:
+        first = phase.first_messages()
         order = [m.metadata.dst_node_id for m in first]
-        turns = Turns(order, self.window)
-        not_started = {m.metadata.dst_node_id: m for m in first}
-        queues: dict[int, deque[Message]] = {n: deque() for n in order}
-        deferred: dict[int, Message] = {}
-        in_flight: dict[str, tuple[int, float]] = {}
-        busy, idle_polls, t_start = 0.0, 0, time.perf_counter()
-        last_stop_check = time.monotonic()
+        self.phase, self.report = phase, ExchangeReport()
+        self.turns = Turns(order, self.window)
+        self.in_flight = {}
+        self._not_started = {m.metadata.dst_node_id: m for m in first}
+        self._queues: dict[int, deque[Message]] = {n: deque() for n in order}
+        self._deferred: dict[int, Message] = {}  # asked for once a queued reply is consumed
+        self._busy, self._idle_polls, self._t_start = 0.0, 0, time.perf_counter()
+        self._last_stop_check = time.monotonic()
 
-        def push(messages: list[Message]) -> None:
-            if not messages:
-                return
-            ids = list(self.grid.push_messages(messages))
-            report.messages += len(messages)
-            for msg, msg_id in zip(messages, ids, strict=True):
-                node = msg.metadata.dst_node_id
-                if msg_id:
-                    in_flight[msg_id] = (node, time.monotonic())
-                else:
-                    fail(node, "the SuperLink refused the message")
-
-        def start(nodes: list[int]) -> None:
-            push([not_started.pop(n) for n in nodes])
-            report.peak_active = max(report.peak_active, len(turns.active))
-
-        def fail(node: int, reason: str, code: int | None = None) -> None:
-            if node in report.failures or (node not in turns.active and node not in not_started):
-                return
-            log.error("client node %s dropped: %s", node, reason)
-            report.failures[node] = reason
-            if code is not None:
-                report.codes[node] = code
-            queues[node].clear()
-            deferred.pop(node, None)
-            not_started.pop(node, None)
-            start(turns.remove(node))
-
-        def finish(node: int, follow_up: Message | None, done: bool) -> None:
-            if follow_up is not None:
-                push([follow_up])
-            if node in deferred and len(queues[node]) < self.max_queued:
-                push([deferred.pop(node)])
-            if done and not ordered:
-                start(turns.remove(node))
-
-        def guarded(node: int, step: Callable[[], None]) -> None:
-            nonlocal busy
-            t0 = time.perf_counter()
-            try:
-                step()
-            except PayloadError as exc:
-                fail(node, f"bad payload: {exc}")
-            finally:
-                busy += time.perf_counter() - t0
-
-        def arrived(node: int, reply: Message) -> None:
-            follow_up = request_next(node, reply)
-            if ordered:
-                queues[node].append(reply)
-                report.peak_queued = max(report.peak_queued, len(queues[node]))
-                if follow_up is not None and len(queues[node]) >= self.max_queued:
-                    deferred[node] = follow_up  # back-pressure: asked for once a reply is used
-                    follow_up = None
-            push([follow_up] if follow_up is not None else [])
-            if not ordered:
-                finish(node, *consume(node, reply))
-
-        def consume_in_turn(node: int) -> None:
-            follow_up, done = consume(node, queues[node].popleft())
-            start(turns.advance(done))
-            finish(node, follow_up, done)
-
-        start([n for n in order if n in turns.active])
-        while turns.active:
-            progressed = False
-            if in_flight:
-                for reply in self.grid.pull_messages(list(in_flight)):
-                    node, _ = in_flight.pop(reply.metadata.reply_to_message_id, (None, 0.0))
-                    if node not in turns.active:
-                        continue
-                    progressed = True
-                    if reply.has_error():
-                        code = int(reply.error.code)
-                        fail(node, f"error {code}: {_readable(reply.error.reason)}", code)
-                    else:
-                        guarded(node, lambda n=node, r=reply: arrived(n, r))
-
-            while ordered and (node := turns.current()) is not None and queues[node]:
-                guarded(node, lambda n=node: consume_in_turn(n))
-                progressed = True
-
-            now = time.monotonic()
-            for node, sent in list(in_flight.values()):
-                if node in turns.active and now - sent > self.timeout:
-                    fail(node, f"no reply within {self.timeout:g} s (reply-timeout)")
-            if self.should_stop and now - last_stop_check > self.stop_check_seconds:
-                last_stop_check = now
-                if self.should_stop():
-                    raise RunStopped("the run was stopped while clients were still working")
-            if turns.active and not progressed:
-                idle_polls += 1
-                time.sleep(min(self.max_poll, 0.001 * 2 ** min(idle_polls, 5)))
+    # ---------------------------------------------------------------------- messages
+    def _push(self, messages: list[Message]) -> None:
+        if not messages:
+            return
+        ids = list(self.grid.push_messages(messages))
+        self.report.messages += len(messages)
+        if len(ids) != len(messages):  # some grids leave refused messages out of the list
+            pushed = set(ids)
+            ids = [
+                m.metadata.message_id if m.metadata.message_id in pushed else None for m in messages
+            ]
+        now = time.monotonic()
+        for msg, msg_id in zip(messages, ids, strict=True):
+            node = msg.metadata.dst_node_id
+            if msg_id:
+                self.in_flight[msg_id] = (node, now)
             else:
-                idle_polls = 0
-        report.wait_seconds = time.perf_counter() - t_start - busy
-        return report
+                self._fail(node, "the SuperLink refused the message")
+
+    def _start(self, nodes: list[int]) -> None:
+        self._push([self._not_started.pop(n) for n in nodes])
+        self.report.peak_active = max(self.report.peak_active, len(self.turns.active))
+
+    def _fail(self, node: int, reason: str, code: int | None = None) -> None:
+        if node in self.report.failures or (
+            node not in self.turns.active and node not in self._not_started
+        ):
+            return
+        log.error("client node %s dropped: %s", node, reason)
+        self.report.failures[node] = reason
+        if code is not None:
+            self.report.codes[node] = code
+        self._queues[node].clear()
+        self._deferred.pop(node, None)
+        self._not_started.pop(node, None)
+        self._start(self.turns.remove(node))
+
+    def _finish(self, node: int, follow_up: Message | None, done: bool) -> None:
+        if follow_up is not None:
+            self._push([follow_up])
+        if node in self._deferred and len(self._queues[node]) < self.max_queued:
+            self._push([self._deferred.pop(node)])
+        if done and not self.phase.ordered:
+            self._start(self.turns.remove(node))
+
+    def _guarded(self, node: int, step: Callable[[], None]) -> None:
+        t0 = time.perf_counter()
+        try:
+            step()
+        except PayloadError as exc:
+            self._fail(node, f"bad payload: {exc}")
+        finally:
+            self._busy += time.perf_counter() - t0
+
+    # ----------------------------------------------------------------------- replies
+    def _collect(self) -> bool:
+        """Pull the replies that are ready; returns whether any came for an active client."""
+        if not self.in_flight:
+            return False
+        progressed = False
+        for reply in self.grid.pull_messages(list(self.in_flight)):
+            node, _ = self.in_flight.pop(reply.metadata.reply_to_message_id, (None, 0.0))
+            if node not in self.turns.active:
+                continue
+            progressed = True
+            if reply.has_error():
+                code = int(reply.error.code)
+                self._fail(node, f"error {code}: {_readable(reply.error.reason)}", code)
+            else:
+                self._guarded(node, lambda n=node, r=reply: self._arrived(n, r))
+        return progressed
+
+    def _arrived(self, node: int, reply: Message) -> None:
+        follow_up = self.phase.on_arrival(node, reply)
+        if self.phase.ordered:
+            queue = self._queues[node]
+            queue.append(reply)
+            self.report.peak_queued = max(self.report.peak_queued, len(queue))
+            if follow_up is not None and len(queue) >= self.max_queued:
+                self._deferred[node] = follow_up  # back-pressure
+                follow_up = None
+        self._push([follow_up] if follow_up is not None else [])
+        if not self.phase.ordered:
+            self._finish(node, *self.phase.consume(node, reply))
+
+    def _consume_ready(self) -> bool:
+        """Consume queued replies while the client whose turn it is has one."""
+        progressed = False
+        while self.phase.ordered and (node := self.turns.current()) is not None:
+            if not self._queues[node]:
+                break
+            self._guarded(node, lambda n=node: self._consume_in_turn(n))
+            progressed = True
+        return progressed
+
+    def _consume_in_turn(self, node: int) -> None:
+        follow_up, done = self.phase.consume(node, self._queues[node].popleft())
+        self._start(self.turns.advance(done))
+        self._finish(node, follow_up, done)
+
+    # -------------------------------------------------------------------------- time
+    def _expire(self) -> None:
+        """Messages older than ``timeout`` are forgotten; their clients, if active, dropped."""
+        now = time.monotonic()
+        expired = [(i, n) for i, (n, sent) in self.in_flight.items() if now - sent > self.timeout]
+        for msg_id, node in expired:
+            self.in_flight.pop(msg_id, None)
+            if node in self.turns.active:
+                self._fail(node, f"no reply within {self.timeout:g} s (reply-timeout)")
+
+    def _check_stop(self) -> None:
+        now = time.monotonic()
+        if self.should_stop and now - self._last_stop_check > self.stop_check_seconds:
+            self._last_stop_check = now
+            if self.should_stop():
+                raise RunStopped("the run was stopped while clients were still working")
+
+    def _pause(self, progressed: bool) -> None:
+        """Back off while nothing happens: 1, 2, 4 ... ms, at most ``max_poll``."""
+        if self.turns.active and not progressed:
+            self._idle_polls += 1
+            time.sleep(min(self.max_poll, 0.001 * 2 ** min(self._idle_polls, 5)))
+        else:
+            self._idle_polls = 0
 
 
 def _readable(reason: str, limit: int = 600) -> str:

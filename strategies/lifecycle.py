@@ -4,88 +4,169 @@
   query.checkpoint  -> the client's optimizer state (momentum)             (end of a round)
   query.restore     optimizer state from a checkpoint ->                   (resume)
 
-Each is one message per client through the same Exchange as training, so a client that fails
-here is dropped with a reason, like anywhere else.
+Each is one message per client through the same Exchange as training (a ``QueryPhase``), so a
+client that fails here is dropped with a reason, like anywhere else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message
+from flwr.serverapp import Grid
 
+from split_core.config import RunConfig
+from split_core.methods import client_modules
 from split_core.payload import PayloadError, record_bytes
+from split_core.protocol import (
+    CheckpointReply,
+    CheckpointRequest,
+    RestoreRequest,
+    SetupReply,
+    SetupRequest,
+)
 from strategies.exchange import Exchange, ExchangeReport
-from strategies.roster import ClientInfo
+from strategies.nodes import SetupError, TooFewClients, wait_for_nodes
+from strategies.phases import QueryPhase
+from strategies.roster import ClientInfo, Roster
+
+log = logging.getLogger("flwr").getChild("split")
+# First contact starts a client's process (a Ray actor, a ClientApp in deployment), imports
+# torch and may decode the dataset into its cache: reply-timeout alone would be too tight.
+SETUP_TIMEOUT = 300.0
+
+
+def connect(
+    grid: Grid,
+    cfg: RunConfig,
+    exchange_for: Callable[[int], Exchange],
+    timeout: float,
+    settle_seconds: float,
+    optimizers: Mapping[int, dict[str, np.ndarray]] | None = None,
+) -> tuple[Roster, dict[int, str]]:
+    """Wait for the SuperNodes, then have every client find its data before any training.
+
+    Clients that fail set-up are left out (returned with their reasons); raises ``SetupError``
+    unless at least ``min-clients`` succeeded. On resume, each client gets its ``optimizers``
+    state back.
+    """
+    nodes = wait_for_nodes(grid, cfg.min_clients, settle_seconds, timeout)
+    exchange = exchange_for(len(nodes))
+    exchange.timeout = max(timeout, SETUP_TIMEOUT)
+    clients, report = setup_clients(exchange, nodes, cfg.to_run_config())
+    if len(clients) < cfg.min_clients or not clients:
+        lines = "\n".join(f"  node {n}: {why}" for n, why in report.failures.items())
+        raise SetupError(f"{len(report.failures)} of {len(nodes)} clients failed set-up:\n{lines}")
+    for node, why in report.failures.items():
+        log.warning("node %s left out: it failed set-up (%s)", node, why)
+    ids = sorted(c.partition_id for c in clients)
+    if len(set(ids)) != len(ids):
+        raise SetupError(f"two SuperNodes claim the same partition-id: {ids}")
+    roster = Roster(clients)
+    if optimizers is not None:
+        restored = restore_optimizers(exchange_for(len(clients)), clients, optimizers)
+        roster.note_failures(restored.failures, restored.codes)
+    return roster, report.failures
+
+
+def take_part(
+    grid: Grid, roster: Roster, exchange_for: Callable[[int], Exchange], cfg: RunConfig, rnd: int
+) -> tuple[list[ClientInfo], dict[int, str]]:
+    """A round's clients: listed by the SuperLink, not known dead, and set up again if they
+    failed before (a restarted SuperNode has lost its ``context.state``; set-up keeps the state
+    of one that has not). Returns them and the reason each other client is left out; raises
+    ``TooFewClients`` when fewer than ``min-clients`` remain."""
+    taking_part, left_out = roster.for_round(set(grid.get_node_ids()))
+    rejoining = [c.node_id for c in taking_part if c.node_id in roster.needs_setup]
+    if rejoining:
+        clients, report = setup_clients(
+            exchange_for(len(rejoining)), rejoining, cfg.to_run_config()
+        )
+        for client in clients:
+            roster.replace(client)
+        roster.note_failures(report.failures, report.codes)
+        left_out |= {node: f"set-up again failed: {why}" for node, why in report.failures.items()}
+        taking_part, _ = roster.for_round(set(grid.get_node_ids()))
+        taking_part = [c for c in taking_part if c.node_id not in report.failures]
+    if len(taking_part) < cfg.min_clients:
+        reasons = "; ".join(f"node {n}: {why}" for n, why in left_out.items())
+        raise TooFewClients(
+            f"round {rnd}: {len(taking_part)} clients left, min-clients is "
+            f"{cfg.min_clients} ({reasons})"
+        )
+    for node, why in left_out.items():
+        log.warning("round %d: node %s left out: %s", rnd, node, why)
+    return taking_part, left_out
 
 
 def setup_clients(
-    exchange: Exchange, nodes: list[int], config: ConfigRecord
+    exchange: Exchange, nodes: list[int], run_config: dict[str, Any]
 ) -> tuple[list[ClientInfo], ExchangeReport]:
-    first = [_message(n, "query.setup", RecordDict({"config": config})) for n in nodes]
+    request = SetupRequest(run_config)
     clients: list[ClientInfo] = []
 
-    def consume(node: int, reply: Message) -> tuple[None, bool]:
+    def read(node: int, reply: Message) -> None:
         clients.append(client_info(node, reply))
-        return None, True
 
-    report = exchange.run(first, request_next=lambda n, r: None, consume=consume)
+    report = exchange.run(QueryPhase([request.message(n) for n in nodes], read))
     return clients, report
 
 
 def collect_optimizers(
-    exchange: Exchange, clients: list[ClientInfo], shapes: list[tuple[int, ...]]
+    exchange: Exchange, clients: list[ClientInfo], cfg: RunConfig
 ) -> tuple[dict[int, dict[str, np.ndarray]], ExchangeReport, int]:
-    """Each client's momentum buffers, checked against the client model's parameter shapes."""
+    """Each client's momentum buffers (by partition id), checked against the client model's
+    parameter shapes; and their bytes."""
+    shapes = momentum_shapes(client_modules(cfg))
     by_node = {c.node_id: c.partition_id for c in clients}
-    first = [_message(c.node_id, "query.checkpoint", RecordDict()) for c in clients]
     states: dict[int, dict[str, np.ndarray]] = {}
     sizes = [0]
 
-    def consume(node: int, reply: Message) -> tuple[None, bool]:
-        record = reply.content.get("optim")
-        if not isinstance(record, ArrayRecord):
-            raise PayloadError("checkpoint reply carries no 'optim' arrays")
+    def read(node: int, reply: Message) -> None:
+        record = CheckpointReply.decode(reply.content).optimizer
         states[by_node[node]] = _check_momentum(record, shapes)
         sizes[0] += record_bytes(record)
-        return None, True
 
-    report = exchange.run(first, request_next=lambda n, r: None, consume=consume)
+    messages = [CheckpointRequest().message(c.node_id) for c in clients]
+    report = exchange.run(QueryPhase(messages, read))
     return states, report, sizes[0]
 
 
 def restore_optimizers(
     exchange: Exchange, clients: list[ClientInfo], states: Mapping[int, dict[str, np.ndarray]]
 ) -> ExchangeReport:
-    first = []
-    for c in clients:
-        if c.partition_id in states:
-            optim = ArrayRecord({k: Array(v) for k, v in states[c.partition_id].items()})
-            first.append(_message(c.node_id, "query.restore", RecordDict({"optim": optim})))
-    return exchange.run(first, request_next=lambda n, r: None, consume=lambda n, r: (None, True))
+    messages = [
+        RestoreRequest(
+            ArrayRecord({k: Array(v) for k, v in states[c.partition_id].items()})
+        ).message(c.node_id)
+        for c in clients
+        if c.partition_id in states
+    ]
+    return exchange.run(QueryPhase(messages))
+
+
+def momentum_shapes(modules: Mapping[str, Any]) -> list[tuple[int, ...]]:
+    """Parameter shapes of the client model, in the order ``momentum_record`` numbers them."""
+    return [tuple(p.shape) for m in modules.values() if m is not None for p in m.parameters()]
 
 
 def client_info(node: int, reply: Message) -> ClientInfo:
-    try:
-        m, info = reply.content["metrics"], reply.content["info"]
-        client = ClientInfo(
-            node,
-            int(m["partition-id"]),
-            int(m["train-examples"]),
-            int(m["test-examples"]),
-            str(info["data-source"]),
-            str(info["device"]),
-            float(m["cpus"]),
-            float(m["gpus"]),
-            int(m["torch-threads"]),
-            int(m["state-bytes"]),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PayloadError(f"set-up reply is malformed: {type(exc).__name__}: {exc}") from exc
-    if min(client.partition_id, client.train_examples, client.test_examples) < 0:
-        raise PayloadError(f"set-up reply has negative counts: {client}")
-    return client
+    s = SetupReply.decode(reply.content)
+    return ClientInfo(
+        node,
+        s.partition_id,
+        s.train_examples,
+        s.test_examples,
+        s.data_source,
+        s.device,
+        s.cpus,
+        s.gpus,
+        s.torch_threads,
+        s.state_bytes,
+    )
 
 
 def _check_momentum(record: ArrayRecord, shapes: list[tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -107,7 +188,3 @@ def _check_momentum(record: ArrayRecord, shapes: list[tuple[int, ...]]) -> dict[
             raise PayloadError(f"optimizer state {key!r} is not finite")
         out[key] = array
     return out
-
-
-def _message(node: int, message_type: str, content: RecordDict) -> Message:
-    return Message(content=content, dst_node_id=node, message_type=message_type)

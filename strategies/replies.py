@@ -1,21 +1,41 @@
 """Every field of a client's reply, validated before anything uses it.
 
-A reply is untrusted input: its arrays may be garbage bytes, its metrics may be missing or absurd.
-``parse_train`` and ``parse_eval`` either return a reply whose tensors, counts and weights are
-all checked, or raise ``PayloadError`` naming what is wrong. Only then does the server step,
-so a rejected reply never touches the server segment or FedAvg.
+A reply is untrusted input: its arrays may be garbage bytes, its metrics missing or absurd.
+Validation has two layers, and ``parse_train``/``parse_eval`` run both:
+
+  1. structure (``split_core.protocol``'s ``decode``): the records are there, each metric is a
+     declared, finite, non-negative number of its kind;
+  2. content (here): the arrays decode in the run's wire format to the cut's shape, labels are
+     in range, counts agree with the payload and with what the client declared at set-up, and
+     returned weights match the global model key for key.
+
+Either a ``Reply`` comes back with every tensor, count and weight checked, or ``PayloadError``
+names what is wrong. Only then does the server step, so a rejected reply never touches the
+server segment or FedAvg. A new check on what clients send (a bound on activation magnitudes,
+say) belongs in ``_check``, with its limit in ``Expected``.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message
 
+from models import cut_shape
+from split_core.config import RunConfig
 from split_core.payload import PayloadError, check_weights, decode_activations, record_bytes
+from split_core.protocol import (
+    LABELS,
+    EvalMetrics,
+    EvaluateReply,
+    StepMetrics,
+    TrainMetrics,
+    TrainReply,
+)
+from strategies.roster import ClientInfo
 
 
 @dataclass(frozen=True)
@@ -30,11 +50,25 @@ class Expected:
     wire: str = "float32"
 
 
+def expectations(
+    clients: Iterable[ClientInfo],
+    cfg: RunConfig,
+    device: torch.device,
+    global_weights: ArrayRecord | None = None,
+) -> dict[int, Expected]:
+    """What each client's replies are held against, by node id."""
+    shape = cut_shape(cfg.depth, cfg.cut)
+    return {
+        c.node_id: Expected(
+            shape, cfg.num_classes, device, c.train_examples, global_weights, cfg.payload_dtype
+        )
+        for c in clients
+    }
+
+
 @dataclass
 class Reply:
-    metrics: dict[str, float]
-    done: bool
-    awaits_gradient: bool = False
+    metrics: TrainMetrics | EvalMetrics
     acts: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     weights: dict[str, np.ndarray] | None = None
@@ -43,77 +77,60 @@ class Reply:
     bytes_weights: int = 0
 
     @property
+    def done(self) -> bool:
+        return self.metrics.done
+
+    @property
+    def awaits_gradient(self) -> bool:
+        return isinstance(self.metrics, TrainMetrics) and self.metrics.awaits_gradient
+
+    @property
     def examples(self) -> int:
         return 0 if self.labels is None else len(self.labels)
 
 
-def is_done(reply: Message) -> bool:
-    """The client's own claim that it is finished, read safely (it decides whether to ask on)."""
-    return bool(_metrics(reply).get("done", 0))
+def train_status(message: Message) -> TrainMetrics:
+    """A training reply's metrics, checked: enough to decide whether to ask for more."""
+    return TrainReply.decode(message.content).metrics
 
 
-def awaits_gradient(reply: Message) -> bool:
-    """The client's claim that its last batch waits for the server's gradient."""
-    return bool(_metrics(reply).get("awaits-gradient", 0))
+def eval_status(message: Message) -> EvalMetrics:
+    return EvaluateReply.decode(message.content).metrics
 
 
-def parse_train(reply: Message, expected: Expected) -> Reply:
-    parsed = _parse(reply, expected)
-    if parsed.done:
-        parsed.weights = check_weights(_record(reply, "arrays"), expected.global_weights)
-        parsed.bytes_weights = record_bytes(reply.content["arrays"])
-        claimed = parsed.metrics.get("epoch-examples")
+def parse_train(message: Message, expected: Expected) -> Reply:
+    decoded = TrainReply.decode(message.content)
+    reply = _check(decoded.metrics, decoded.activations, expected)
+    if reply.done:
+        reply.weights = check_weights(decoded.weights, expected.global_weights)
+        reply.bytes_weights = record_bytes(decoded.weights)
+        claimed = reply.metrics.epoch_examples
         if claimed != expected.train_examples:
             raise PayloadError(
                 f"epoch-examples is {claimed}, but the client declared "
                 f"{expected.train_examples} training examples at set-up"
             )
-    return parsed
+    return reply
 
 
-def parse_eval(reply: Message, expected: Expected) -> Reply:
-    return _parse(reply, expected)
+def parse_eval(message: Message, expected: Expected) -> Reply:
+    decoded = EvaluateReply.decode(message.content)
+    return _check(decoded.metrics, decoded.activations, expected)
 
 
-def _parse(reply: Message, expected: Expected) -> Reply:
-    metrics = _metrics(reply)
-    for key in ("num-examples", "done"):
-        if key not in metrics:
-            raise PayloadError(f"reply metrics lack {key!r}")
-    parsed = Reply(metrics, bool(metrics["done"]), bool(metrics.get("awaits-gradient", 0)))
-    acts = _record(reply, "acts", required=False)
+def _check(metrics: StepMetrics, acts: ArrayRecord | None, expected: Expected) -> Reply:
+    reply = Reply(metrics)
     if acts is not None:
         total = record_bytes(acts)  # every array is parsed here: garbage is a PayloadError
-        if "labels" in acts:
-            parsed.bytes_labels = record_bytes(ArrayRecord({"labels": acts["labels"]}))
-        parsed.bytes_activations = total - parsed.bytes_labels  # with int8's scales
-        parsed.acts, parsed.labels = decode_activations(
+        labels = acts.get(LABELS)
+        if labels is not None:
+            reply.bytes_labels = record_bytes(ArrayRecord({LABELS: labels}))
+        reply.bytes_activations = total - reply.bytes_labels  # with int8's scales
+        reply.acts, reply.labels = decode_activations(
             acts, expected.shape, expected.num_classes, expected.device, expected.wire
         )
-    if metrics["num-examples"] != parsed.examples:
+    if metrics.num_examples != reply.examples:
         raise PayloadError(
-            f"num-examples is {metrics['num-examples']}, the payload has {parsed.examples}"
+            f"num-examples is {metrics.num_examples}, the payload has {reply.examples}"
         )
-    return parsed
-
-
-def _metrics(reply: Message) -> dict[str, float]:
-    record = reply.content.get("metrics")
-    if not isinstance(record, MetricRecord):
-        raise PayloadError("reply carries no 'metrics' record")
-    metrics = dict(record)
-    for key, value in metrics.items():
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise PayloadError(f"metric {key!r} is not a number: {value!r}")
-        if not math.isfinite(value) or value < 0:
-            raise PayloadError(f"metric {key!r} must be finite and >= 0, got {value}")
-    return metrics
-
-
-def _record(reply: Message, key: str, required: bool = True) -> ArrayRecord | None:
-    record = reply.content.get(key)
-    if record is None and not required:
-        return None
-    if not isinstance(record, ArrayRecord):
-        raise PayloadError(f"reply carries no {key!r} arrays")
-    return record
+    return reply

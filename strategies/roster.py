@@ -67,3 +67,12 @@ class Roster:
             key=lambda c: c.partition_id,
         )
         self.needs_setup.discard(client.node_id)
+
+
+def first_reason(*failures: dict[int, str]) -> dict[int, str]:
+    """One reason per client: the first thing that went wrong with it this round."""
+    merged: dict[int, str] = {}
+    for failure in failures:
+        for node, why in failure.items():
+            merged.setdefault(node, why)
+    return merged

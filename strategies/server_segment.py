@@ -10,7 +10,13 @@ import torch
 from models import split_resnet
 from split_core.compute import Compute
 from split_core.config import RunConfig
-from split_core.metering import SavedTensorsMeter
+from split_core.metering import (
+    SavedTensorsMeter,
+    cuda_peak_bytes,
+    peak_rss_bytes,
+    reset_cuda_peak,
+    reset_peak_rss,
+)
 from split_core.steps import Phases, StepResult, score, server_step
 
 
@@ -32,6 +38,20 @@ class ServerSegment:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The segment's weights as CPU tensors (checkpoints and model.pt load anywhere)."""
         return {k: v.detach().cpu() for k, v in self.segment.state_dict().items()}
+
+    def start_measuring(self) -> None:
+        """Peaks from here on (a round)."""
+        self.meter.reset_peak()
+        reset_peak_rss()
+        reset_cuda_peak(self.device)
+
+    def peaks(self) -> dict[str, int]:
+        """Bytes held for backward, RSS and CUDA memory, at most, since ``start_measuring``."""
+        return {
+            "saved": self.meter.peak,
+            "rss": peak_rss_bytes(),
+            "cuda": cuda_peak_bytes(self.device),
+        }
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

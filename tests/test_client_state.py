@@ -1,4 +1,4 @@
-"""Tests for flower_app.client.SplitClient on real CIFAR-10: replies, state round trips, chunks.
+"""Tests for split_core.client.SplitClient on real CIFAR-10: replies, state round trips, chunks.
 
 Flower's ``context.state`` is the client's only memory between messages (deployment may start a
 fresh process per message), so a client rebuilt from its saved state must answer exactly as the
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 
-from flower_app.client import SplitClient
 from models import cut_shape
+from split_core.client import SplitClient
 from split_core.config import RunConfig
 from split_core.payload import (
     PayloadError,
@@ -25,6 +25,7 @@ from split_core.payload import (
     encode_gradient,
     encode_modules,
 )
+from split_core.protocol import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
 from split_core.steps import Phases
 from strategies.server_segment import ServerSegment
 from tests.conftest import TINY, data_dir
@@ -48,17 +49,17 @@ def _cfg(method: str, **extra) -> RunConfig:
     )
 
 
-def _config(rnd: int = 1, lr: float = 0.05) -> ConfigRecord:
-    return ConfigRecord({"round": rnd, "lr": lr})
-
-
-def _first(client: SplitClient, rnd: int = 1) -> RecordDict:
+def _first(client: SplitClient, rnd: int = 1) -> TrainRequest:
     """The first message of a round carries the global client weights."""
-    return RecordDict({"arrays": encode_modules(client.modules), "config": _config(rnd)})
+    return TrainRequest(rnd, 0.05, weights=encode_modules(client.modules))
 
 
-def _grad_request(grad_record) -> RecordDict:
-    return RecordDict({"grad": copy.deepcopy(grad_record), "config": _config()})
+def _next(rnd: int = 1) -> TrainRequest:
+    return TrainRequest(rnd, 0.05)
+
+
+def _grad_request(grad_record) -> TrainRequest:
+    return TrainRequest(1, 0.05, gradient=copy.deepcopy(grad_record))
 
 
 def _rebuild(state: RecordDict) -> SplitClient:
@@ -90,22 +91,23 @@ def _assert_same_client(a: SplitClient, b: SplitClient) -> None:
     assert (a.epoch, a.cursor, a.pending) == (b.epoch, b.cursor, b.pending)
 
 
-def _assert_same_reply(a: RecordDict, b: RecordDict) -> None:
-    assert set(a.keys()) == set(b.keys())
-    for name in ("acts", "arrays"):
-        if name in a:
-            ra, rb = a[name], b[name]
+def _assert_same_reply(a: TrainReply | EvaluateReply, b: TrainReply | EvaluateReply) -> None:
+    assert set(a.content().keys()) == set(b.content().keys())
+    for name in ("activations", "weights"):
+        ra, rb = getattr(a, name, None), getattr(b, name, None)
+        assert (ra is None) == (rb is None), name
+        if ra is not None:
             assert set(ra.keys()) == set(rb.keys())
             for key in ra:
                 assert np.array_equal(ra[key].numpy(), rb[key].numpy()), f"{name}.{key}"
                 assert ra[key].dtype == rb[key].dtype
-    for key in ("num-examples", "aux-loss-sum", "aux-correct", "done"):
-        assert a["metrics"][key] == b["metrics"][key], key
+    for key in ("num_examples", "aux_loss_sum", "aux_correct", "done"):
+        assert getattr(a.metrics, key) == getattr(b.metrics, key), key
 
 
-def _server_gradient(server: ServerSegment, reply: RecordDict, cfg: RunConfig):
+def _server_gradient(server: ServerSegment, reply: TrainReply, cfg: RunConfig):
     acts, labels = decode_activations(
-        reply["acts"], cut_shape(cfg.depth, cfg.cut), cfg.num_classes, server.device
+        reply.activations, cut_shape(cfg.depth, cfg.cut), cfg.num_classes, server.device
     )
     _, grad = server.train_on(acts, labels, Phases(), needs_grad=True)
     assert grad is not None and grad.shape == acts.shape
@@ -137,12 +139,12 @@ def test_csl_recomputed_graph_equals_live_graph() -> None:
 
     reply = a.train(_first(a))
     a.save(state)
-    assert reply["metrics"]["done"] == 0
-    assert reply["metrics"]["num-examples"] == BATCH
-    assert reply["acts"]["acts"].shape == (BATCH, *cut_shape(cfg.depth, cfg.cut))
-    assert "arrays" not in reply
+    assert not reply.metrics.done
+    assert reply.metrics.num_examples == BATCH
+    assert reply.activations["acts"].shape == (BATCH, *cut_shape(cfg.depth, cfg.cut))
+    assert reply.weights is None
     assert a.pending == 0 and a._graph is not None
-    assert reply["metrics"]["held-saved-bytes"] > 0  # the live graph is held for the gradient
+    assert reply.metrics.held_saved_bytes > 0  # the live graph is held for the gradient
 
     server = ServerSegment(cfg)
     grad = _server_gradient(server, reply, cfg)
@@ -151,8 +153,8 @@ def test_csl_recomputed_graph_equals_live_graph() -> None:
 
     live_before = _snapshot_modules(a)
     reply_a, reply_b = a.train(_grad_request(grad)), b.train(_grad_request(grad))
-    assert (reply_a["metrics"]["recomputes"], reply_b["metrics"]["recomputes"]) == (0, 1)
-    assert reply_b["metrics"]["recompute-seconds"] > 0 == reply_a["metrics"]["recompute-seconds"]
+    assert (reply_a.metrics.recomputes, reply_b.metrics.recomputes) == (0, 1)
+    assert reply_b.metrics.recompute_seconds > 0 == reply_a.metrics.recompute_seconds
     _assert_same_reply(reply_a, reply_b)
     _assert_same_client(a, b)
     assert any(not torch.equal(live_before[k], v) for k, v in _snapshot_modules(a).items())
@@ -162,8 +164,8 @@ def test_csl_recomputed_graph_equals_live_graph() -> None:
     state_b = RecordDict()
     b.save(state_b)
     steps = 1
-    while not reply_a["metrics"]["done"]:
-        assert "acts" in reply_a
+    while not reply_a.metrics.done:
+        assert reply_a.activations is not None
         grad = _server_gradient(server, reply_a, cfg)
         b = _rebuild(state_b)
         reply_a, reply_b = a.train(_grad_request(grad)), b.train(_grad_request(grad))
@@ -171,8 +173,8 @@ def test_csl_recomputed_graph_equals_live_graph() -> None:
         _assert_same_reply(reply_a, reply_b)
         steps += 1
     assert steps == a.num_batches
-    assert "acts" not in reply_a and "arrays" in reply_a
-    assert reply_a["metrics"]["epoch-examples"] == SAMPLES
+    assert reply_a.activations is None and reply_a.weights is not None
+    assert reply_a.metrics.epoch_examples == SAMPLES
     _assert_same_client(a, b)
     assert a.pending == -1 and a.cursor == a.num_batches
 
@@ -187,7 +189,7 @@ def test_csl_equals_a_client_that_never_saved() -> None:
     state = RecordDict()
     server_a, server_ref = ServerSegment(cfg), ServerSegment(cfg)
     reply_a, reply_ref = a.train(_first(a)), ref.train(_first(ref))
-    while not reply_a["metrics"]["done"]:
+    while not reply_a.metrics.done:
         a.save(state)
         a = _rebuild(state)
         ga, gr = (
@@ -207,21 +209,21 @@ def test_dsl_state_round_trip() -> None:
     state = RecordDict()
     a.save(state)
     reply = a.train(_first(a))
-    assert reply["metrics"]["num-examples"] == a.batches_per_message() * BATCH
-    assert reply["metrics"]["done"] == 0
-    assert reply["metrics"]["held-saved-bytes"] == 0  # DSL frees its graph at once
+    assert reply.metrics.num_examples == a.batches_per_message() * BATCH
+    assert not reply.metrics.done
+    assert reply.metrics.held_saved_bytes == 0  # DSL frees its graph at once
     a.save(state)
     b = _rebuild(state)
     _assert_same_client(a, b)
 
-    reply_a = a.train(RecordDict({"config": _config()}))
-    reply_b = b.train(RecordDict({"config": _config()}))
+    reply_a = a.train(_next())
+    reply_b = b.train(_next())
     _assert_same_reply(reply_a, reply_b)
     _assert_same_client(a, b)
-    assert reply_a["metrics"]["done"] == 1
-    assert "arrays" in reply_a
-    assert {k.split(".")[0] for k in reply_a["arrays"]} == {"segment", "aux"}
-    assert reply_a["metrics"]["epoch-examples"] == SAMPLES
+    assert reply_a.metrics.done
+    assert reply_a.weights is not None
+    assert {k.split(".")[0] for k in reply_a.weights} == {"segment", "aux"}
+    assert reply_a.metrics.epoch_examples == SAMPLES
 
 
 def test_next_round_adopts_the_global_model() -> None:
@@ -233,14 +235,14 @@ def test_next_round_adopts_the_global_model() -> None:
     a = SplitClient.create(cfg, 0, 1, cfg.data_dir)
     fresh = encode_modules(a.modules)
     a.train(_first(a))
-    assert a.train(RecordDict({"config": _config()}))["metrics"]["done"] == 1
+    assert a.train(_next()).metrics.done
     assert a.cursor == a.num_batches
     state = RecordDict()
     a.save(state)
     b = _rebuild(state)
 
-    reply_a = a.train(RecordDict({"arrays": fresh, "config": _config(rnd=2)}))
-    reply_b = b.train(RecordDict({"arrays": copy.deepcopy(fresh), "config": _config(rnd=2)}))
+    reply_a = a.train(TrainRequest(2, 0.05, weights=fresh))
+    reply_b = b.train(TrainRequest(2, 0.05, weights=copy.deepcopy(fresh)))
     assert (a.epoch, a.cursor) == (1, a.batches_per_message())
     _assert_same_reply(reply_a, reply_b)
     _assert_same_client(a, b)
@@ -250,7 +252,7 @@ def test_next_round_adopts_the_global_model() -> None:
     with torch.no_grad():
         x, y = ref.train_batch(1, 0)
         expected = ref.modules["segment"](x)
-    acts, labels = decode_activations(reply_a["acts"], ref.shape, 10, ref.compute.device)
+    acts, labels = decode_activations(reply_a.activations, ref.shape, 10, ref.compute.device)
     assert torch.equal(acts[:BATCH], expected)
     assert torch.equal(labels[:BATCH], y)
 
@@ -271,7 +273,7 @@ def test_forward_while_a_batch_waits() -> None:
     client = SplitClient.create(cfg, 0, 1, cfg.data_dir)
     client.train(_first(client))
     with pytest.raises(PayloadError) as info:
-        client.train(RecordDict({"config": _config()}))
+        client.train(_next())
     assert str(info.value) == "batch 0 still waits for its gradient"
     assert client.pending == 0 and client.cursor == 1
 
@@ -293,12 +295,12 @@ def test_dsl_chunk_carries_two_batches() -> None:
     client = SplitClient.create(cfg, 0, 1, cfg.data_dir)
     assert client.batches_per_message() == 2
     first = client.train(_first(client))
-    assert first["metrics"]["num-examples"] == 2 * BATCH
-    assert first["acts"]["acts"].shape[0] == 2 * BATCH
-    assert first["acts"]["labels"].shape == (2 * BATCH,)
-    second = client.train(RecordDict({"config": _config()}))
-    assert second["metrics"]["num-examples"] == SAMPLES - 2 * BATCH
-    assert second["metrics"]["done"] == 1
+    assert first.metrics.num_examples == 2 * BATCH
+    assert first.activations["acts"].shape[0] == 2 * BATCH
+    assert first.activations["labels"].shape == (2 * BATCH,)
+    second = client.train(_next())
+    assert second.metrics.num_examples == SAMPLES - 2 * BATCH
+    assert second.metrics.done
 
 
 def test_dsl_chunk_of_exactly_two_batches_and_float16() -> None:
@@ -324,9 +326,9 @@ def test_csl_carries_one_batch() -> None:
     client = SplitClient.create(cfg, 0, 1, cfg.data_dir)
     assert client.batches_per_message() == 2
     reply = client.train(_first(client))
-    assert reply["metrics"]["num-examples"] == BATCH
-    assert reply["acts"]["acts"].shape[0] == BATCH
-    assert reply["metrics"]["awaits-gradient"] == 1 and client.pending == 0
+    assert reply.metrics.num_examples == BATCH
+    assert reply.activations["acts"].shape[0] == BATCH
+    assert reply.metrics.awaits_gradient and client.pending == 0
 
 
 # -------------------------------------------------------------------------------- evaluate
@@ -338,13 +340,13 @@ def test_evaluate_covers_the_test_split(method: str) -> None:
     client = SplitClient.create(cfg, 0, 1, cfg.data_dir)
     assert len(client.test_idx) == 64
     before = _snapshot_modules(client)
-    replies = [client.evaluate(RecordDict({"arrays": encode_modules(client.modules)}))]
-    while not replies[-1]["metrics"]["done"]:
-        replies.append(client.evaluate(RecordDict({"config": ConfigRecord({"round": 1})})))
+    replies = [client.evaluate(EvaluateRequest(1, encode_modules(client.modules)))]
+    while not replies[-1].metrics.done:
+        replies.append(client.evaluate(EvaluateRequest(1)))
         assert len(replies) <= 64
     assert len(replies) == 4
-    assert [r["metrics"]["num-examples"] for r in replies] == [16] * 4
-    assert sum(r["metrics"]["num-examples"] for r in replies) == len(client.test_idx)
+    assert [r.metrics.num_examples for r in replies] == [16] * 4
+    assert sum(r.metrics.num_examples for r in replies) == len(client.test_idx)
     for m in client.modules.values():
         if m is not None:
             assert all(sub.training for sub in m.modules())
@@ -357,14 +359,16 @@ def test_evaluate_covers_the_test_split(method: str) -> None:
         x, y = client.test_batch(16, 32)
         expected = segment(x)
     segment.train()
-    got, labels = decode_activations(replies[1]["acts"], client.shape, 10, client.compute.device)
+    got, labels = decode_activations(
+        replies[1].activations, client.shape, 10, client.compute.device
+    )
     assert torch.equal(got, expected)
     assert torch.equal(labels, y)
-    all_labels = np.concatenate([r["acts"]["labels"].numpy() for r in replies])
+    all_labels = np.concatenate([r.activations["labels"].numpy() for r in replies])
     assert all_labels.tolist() == client.data.y_test[client.test_idx].tolist()
     if method == "dsl":
-        assert 0 <= sum(r["metrics"]["aux-correct"] for r in replies) <= 64
-        assert sum(r["metrics"]["aux-loss-sum"] for r in replies) > 0
+        assert 0 <= sum(r.metrics.aux_correct for r in replies) <= 64
+        assert sum(r.metrics.aux_loss_sum for r in replies) > 0
 
 
 # ------------------------------------------------------------------------------ data stream
@@ -445,12 +449,12 @@ def test_csl_reports_the_held_graph() -> None:
     assert expected > 2 * BATCH * BYTES_PER_SAMPLE  # several activation maps per block
 
     reply = client.train(_first(client))
-    assert reply["metrics"]["held-saved-bytes"] == expected
-    assert reply["metrics"]["peak-saved-bytes"] == expected
+    assert reply.metrics.held_saved_bytes == expected
+    assert reply.metrics.peak_saved_bytes == expected
     server = ServerSegment(cfg)
-    while not reply["metrics"]["done"]:
+    while not reply.metrics.done:
         reply = client.train(_grad_request(_server_gradient(server, reply, cfg)))
-    assert reply["metrics"]["held-saved-bytes"] == 0
+    assert reply.metrics.held_saved_bytes == 0
     assert client.meter.current == 0
 
 
@@ -460,7 +464,7 @@ def test_csl_abandoned_graph_is_released() -> None:
     client = SplitClient.create(cfg, 0, 1, cfg.data_dir)
     first = client.train(_first(client))
     again = client.train(_first(client, rnd=2))  # e.g. the previous round failed mid-way
-    assert again["metrics"]["held-saved-bytes"] == first["metrics"]["held-saved-bytes"]
+    assert again.metrics.held_saved_bytes == first.metrics.held_saved_bytes
 
 
 def test_dsl_peak_is_one_batch_of_activations() -> None:
@@ -472,8 +476,8 @@ def test_dsl_peak_is_one_batch_of_activations() -> None:
     segment, aux = ref.modules["segment"], ref.modules["aux"]
     expected = _saved_bytes(ref, lambda: F.cross_entropy(aux(segment(x)), y))
     reply = client.train(_first(client))
-    assert reply["metrics"]["held-saved-bytes"] == 0
-    assert reply["metrics"]["peak-saved-bytes"] == expected
+    assert reply.metrics.held_saved_bytes == 0
+    assert reply.metrics.peak_saved_bytes == expected
 
 
 @pytest.mark.parametrize(("taper", "sizes"), [(True, [4, 4, 4, 2, 1, 1]), (False, [4, 4, 4, 4])])
@@ -484,8 +488,8 @@ def test_chunks_taper_at_the_end_of_an_epoch(taper: bool, sizes: list[int]) -> N
     cfg = RunConfig.from_run_config(cfg.to_run_config() | {"chunk-taper": taper})
     client = SplitClient.create(cfg, 0, 1, cfg.data_dir)
     reply, got = client.train(_first(client)), []
-    got.append(reply["metrics"]["num-examples"] // BATCH)
-    while not reply["metrics"]["done"]:
-        reply = client.train(RecordDict({"config": _config()}))
-        got.append(reply["metrics"]["num-examples"] // BATCH)
+    got.append(reply.metrics.num_examples // BATCH)
+    while not reply.metrics.done:
+        reply = client.train(_next())
+        got.append(reply.metrics.num_examples // BATCH)
     assert got == sizes

@@ -10,13 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 
-from flower_app.client import SplitClient
+from split_core.client import SplitClient
 from split_core.compute import Compute
 from split_core.config import RunConfig
 from split_core.data import ClientImages
 from split_core.payload import encode_gradient, encode_modules
+from split_core.protocol import TrainRequest
 from split_core.steps import Phases
 from strategies.server_segment import ServerSegment
 from tests.conftest import TINY, data_dir, real_data_dir
@@ -29,9 +30,8 @@ def _cfg(**extra) -> RunConfig:
     return RunConfig.from_run_config(TINY | base | extra)
 
 
-def _first(client: SplitClient) -> RecordDict:
-    config = ConfigRecord({"round": 1, "lr": 0.05})
-    return RecordDict({"arrays": encode_modules(client.modules), "config": config})
+def _first(client: SplitClient) -> TrainRequest:
+    return TrainRequest(1, 0.05, weights=encode_modules(client.modules))
 
 
 def test_resident_images_give_the_same_batches_as_gathered_ones():
@@ -55,7 +55,7 @@ def test_bfloat16_autocast_keeps_weights_float32_and_sends_float32():
     cfg = _cfg(method="dsl", **{"compute-dtype": "bfloat16", "channels-last": True})
     client = SplitClient.create(cfg, 0, 1, data_dir())
     reply = client.train(_first(client))
-    acts = reply["acts"]["acts"].numpy()
+    acts = reply.activations["acts"].numpy()
     assert acts.dtype == np.float32 and acts.flags.c_contiguous
     # the values are bfloat16 ones, upcast without loss
     as_bf16 = torch.from_numpy(acts).to(torch.bfloat16).float().numpy()
@@ -75,13 +75,14 @@ def test_bfloat16_csl_recompute_is_exact():
     a.save(state)
     b = SplitClient.from_state(state)
     server = ServerSegment(cfg)
-    acts = torch.from_numpy(reply["acts"]["acts"].numpy())
-    labels = torch.from_numpy(reply["acts"]["labels"].numpy().astype(np.int64))
+    acts = torch.from_numpy(reply.activations["acts"].numpy())
+    labels = torch.from_numpy(reply.activations["labels"].numpy().astype(np.int64))
     _, grad = server.train_on(acts, labels, Phases(), needs_grad=True)
-    request = RecordDict({"grad": encode_gradient(grad, "float32"), "config": _first(a)["config"]})
+    request = TrainRequest(1, 0.05, gradient=encode_gradient(grad, "float32"))
     reply_a, reply_b = a.train(request), b.train(request)
-    assert reply_b["metrics"]["recomputes"] == 1
-    assert np.array_equal(reply_a["acts"]["acts"].numpy(), reply_b["acts"]["acts"].numpy())
+    assert reply_b.metrics.recomputes == 1
+    acts_a, acts_b = reply_a.activations["acts"], reply_b.activations["acts"]
+    assert np.array_equal(acts_a.numpy(), acts_b.numpy())
     for (key, wa), wb in zip(
         encode_modules(a.modules).items(), encode_modules(b.modules).values(), strict=True
     ):
@@ -96,10 +97,10 @@ def test_bfloat16_learns():
         cfg = _cfg(method="dsl", **extra)
         client = SplitClient.create(cfg, 0, 1, cfg.data_dir)
         reply, per_batch = client.train(_first(client)), []
-        per_batch.append(reply["metrics"]["aux-loss-sum"] / reply["metrics"]["num-examples"])
-        while not reply["metrics"]["done"]:
-            reply = client.train(RecordDict({"config": _first(client)["config"]}))
-            per_batch.append(reply["metrics"]["aux-loss-sum"] / reply["metrics"]["num-examples"])
+        per_batch.append(reply.metrics.aux_loss_sum / reply.metrics.num_examples)
+        while not reply.metrics.done:
+            reply = client.train(TrainRequest(1, 0.05))
+            per_batch.append(reply.metrics.aux_loss_sum / reply.metrics.num_examples)
         losses[dtype] = per_batch
     for dtype, per_batch in losses.items():
         assert per_batch[-1] < per_batch[0], dtype
@@ -139,7 +140,7 @@ def test_cuda_client_trains_and_saves_cpu_state(method):
     cfg = _cfg(method=method, device="cuda", **{"compute-dtype": "bfloat16"})
     client = SplitClient.create(cfg, 0, 1, data_dir())
     reply = client.train(_first(client))
-    assert reply["metrics"]["peak-cuda-bytes"] > 0
+    assert reply.metrics.peak_cuda_bytes > 0
     state = RecordDict()
     client.save(state)
     rebuilt = SplitClient.from_state(state)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from flower_app import reference
-from flower_app.client import SplitClient
+from split_core.client import SplitClient
 from flower_app.results import CONTRACT_KEYS, read_rounds
 from models import cut_shape, resnet
 from split_core.config import RunConfig

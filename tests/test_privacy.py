@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
 
-from flower_app.client import SplitClient
+from split_core.client import SplitClient
 from split_core.config import RunConfig
 from split_core.payload import encode_modules
 from split_core.privacy import distance_correlation
+from split_core.protocol import EvaluateRequest
 from tests.conftest import TINY, data_dir
 
 G = torch.Generator().manual_seed(0)
@@ -42,15 +42,13 @@ def test_bad_batches_are_refused():
 def test_the_client_reports_the_probe_with_the_first_evaluation_of_a_round():
     cfg = RunConfig.from_run_config(TINY | {"data-dir": data_dir(), "probe-samples": 32})
     client = SplitClient.create(cfg, 0, 1, cfg.data_dir)
-    first = client.evaluate(RecordDict({"arrays": encode_modules(client.modules)}))
-    assert 0.0 < first["metrics"]["probe-dcor"] <= 1.0 and first["metrics"]["probe-count"] == 1
+    first = client.evaluate(EvaluateRequest(1, encode_modules(client.modules))).metrics
+    assert 0.0 < first.probe_dcor <= 1.0 and first.probe_count == 1
     assert all(m.training for m in client.modules["segment"].modules())
-    if not first["metrics"]["done"]:
-        later = client.evaluate(RecordDict({"config": ConfigRecord({"round": 1})}))
-        assert "probe-dcor" not in later["metrics"]
+    if not first.done:
+        later = client.evaluate(EvaluateRequest(1)).metrics
+        assert (later.probe_dcor, later.probe_count) == (0.0, 0)
     off = RunConfig.from_run_config(TINY | {"data-dir": data_dir(), "probe-samples": 0})
     silent = SplitClient.create(off, 0, 1, off.data_dir)
-    assert (
-        "probe-dcor"
-        not in silent.evaluate(RecordDict({"arrays": encode_modules(silent.modules)}))["metrics"]
-    )
+    metrics = silent.evaluate(EvaluateRequest(1, encode_modules(silent.modules))).metrics
+    assert (metrics.probe_dcor, metrics.probe_count) == (0.0, 0)

@@ -1,10 +1,12 @@
-"""The client side of split learning: private data, the bottom segment and (DSL) its aux head.
+"""The client's half of split learning: private data, the bottom segment and (DSL) its aux head.
 
-A ``SplitClient`` turns one request into one reply: it is what a ClientApp message handler
-and the in-process reference trainer both call. Its whole state round-trips through a
-``RecordDict`` (``save``/``from_state``), because Flower's ``context.state`` is the source of
-truth: simulation may route a node's messages to any actor, deployment starts a fresh process
-for every message.
+A ``SplitClient`` turns one typed request (``split_core.protocol``) into one typed reply, as
+``strategies.server_segment.ServerSegment`` does for the server: the ClientApp's handlers and
+the in-process reference trainer both call it. Its whole state round-trips through Flower's
+``context.state`` (``save``/``from_state``, codec in ``split_core.client_state``).
+
+(Longer than our other modules: one class, whose training, CSL graph recompute and evaluation
+share the data stream and the cursor; splitting them would spread one state over files.)
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from models import cut_shape
+from split_core import client_state
+from split_core.client_state import Cursor, Setup
 from split_core.compute import Compute, seeded_generator
 from split_core.config import RunConfig
 from split_core.data import ClientImages, load_cifar, partition_indices
@@ -38,6 +42,14 @@ from split_core.payload import (
     load_modules,
 )
 from split_core.privacy import distance_correlation
+from split_core.protocol import (
+    EvalMetrics,
+    EvaluateReply,
+    EvaluateRequest,
+    TrainMetrics,
+    TrainReply,
+    TrainRequest,
+)
 from split_core.steps import Phases, score
 
 
@@ -120,6 +132,17 @@ class SplitClient:
         test_idx = split_test_set(len(data.y_test), cfg, num_partitions, partition_id)
         return cls(cfg, partition_id, num_partitions, train_idx, test_idx, data_dir)
 
+    @property
+    def setup(self) -> Setup:
+        return Setup(
+            self.cfg,
+            self.partition_id,
+            self.num_partitions,
+            self.data_dir,
+            self.train_idx,
+            self.test_idx,
+        )
+
     def save(self, state: RecordDict) -> None:
         """Write everything needed to continue into ``state``; bumps the version a cache checks.
 
@@ -128,50 +151,18 @@ class SplitClient:
         they are when it recomputes the graph (see ``_recompute``).
         """
         self.version += 1
-        state["split.weights"] = encode_modules(self.modules)
-        state["split.optim"] = self.momentum()
-        state["split.meta"] = ConfigRecord(
-            {
-                "version": self.version,
-                "epoch": self.epoch,
-                "cursor": self.cursor,
-                "pending": self.pending,
-                "eval-cursor": self.eval_cursor,
-            }
-        )
-        if "split.config" not in state:
-            state["split.config"] = ConfigRecord(
-                self.cfg.to_run_config()
-                | {
-                    "partition-id": self.partition_id,
-                    "num-partitions": self.num_partitions,
-                    "node-data-dir": self.data_dir,
-                }
-            )
-            state["split.partition"] = ArrayRecord(
-                {  # CIFAR has 60,000 images: int32 indices halve what travels with each message
-                    "train": Array(self.train_idx.astype(np.int32)),
-                    "test": Array(self.test_idx.astype(np.int32)),
-                }
-            )
+        cursor = Cursor(self.version, self.epoch, self.cursor, self.pending, self.eval_cursor)
+        client_state.write(state, self.setup, encode_modules(self.modules), self.momentum(), cursor)
 
     @classmethod
     def from_state(cls, state: RecordDict) -> SplitClient:
-        if "split.config" not in state:
-            raise RuntimeError(
-                "this node has no split-learning state: the set-up message never reached it"
-            )
-        conf = dict(state["split.config"])
-        ids = (conf.pop("partition-id"), conf.pop("num-partitions"), conf.pop("node-data-dir"))
-        cfg = RunConfig.from_run_config(conf)
-        part = state["split.partition"]
-        train, test = (part[k].numpy().astype(np.int64) for k in ("train", "test"))
-        client = cls(cfg, ids[0], ids[1], train, test, ids[2])
-        load_modules(state["split.weights"], client.modules)
-        client.load_momentum(state["split.optim"])
-        meta = state["split.meta"]
-        client.version, client.epoch, client.cursor = meta["version"], meta["epoch"], meta["cursor"]
-        client.pending, client.eval_cursor = meta["pending"], meta["eval-cursor"]
+        s = client_state.read_setup(state)
+        client = cls(s.cfg, s.partition_id, s.num_partitions, s.train_idx, s.test_idx, s.data_dir)
+        weights, momentum, cursor = client_state.read_progress(state)
+        load_modules(weights, client.modules)
+        client.load_momentum(momentum)
+        client.version, client.epoch, client.cursor = cursor.version, cursor.epoch, cursor.cursor
+        client.pending, client.eval_cursor = cursor.pending, cursor.eval_cursor
         return client
 
     def release(self) -> None:
@@ -182,21 +173,10 @@ class SplitClient:
         return [p for g in self.parts.optimizer.param_groups for p in g["params"]]
 
     def load_momentum(self, record: ArrayRecord) -> None:
-        """Momentum buffers by parameter index, as ``momentum`` writes them."""
-        optimizer, params = self.parts.optimizer, self._params()
-        for key, array in record.items():
-            buffer = torch.from_numpy(array.numpy().copy()).to(self.compute.device)
-            optimizer.state[params[int(key)]]["momentum_buffer"] = buffer
+        client_state.load_momentum(self.parts.optimizer, record, self.compute.device)
 
     def momentum(self) -> ArrayRecord:
-        state = self.parts.optimizer.state
-        return ArrayRecord(
-            {
-                str(i): Array(state[p]["momentum_buffer"].detach().contiguous().cpu().numpy())
-                for i, p in enumerate(self._params())
-                if state.get(p, {}).get("momentum_buffer") is not None
-            }
-        )
+        return client_state.momentum_record(self.parts.optimizer)
 
     # ----------------------------------------------------------------------------------- data
     @property
@@ -234,20 +214,19 @@ class SplitClient:
             budget = min(budget, max(1, math.ceil((self.num_batches - cursor) / 2)))
         return budget
 
-    # ------------------------------------------------------------------------------- handlers
-    def train(self, request: RecordDict) -> RecordDict:
+    # ------------------------------------------------------------------------------- training
+    def train(self, request: TrainRequest) -> TrainReply:
         """One training message: maybe a returned gradient, then the next batch or chunk."""
-        conf, phases, t0 = request["config"], Phases(), time.perf_counter()
-        self._start_measuring()
-        if "arrays" in request:  # first message of a round: adopt the global model
-            load_modules(request["arrays"], self.modules)
-            self.epoch, self.cursor = int(conf["round"]) - 1, 0
+        phases, t0 = Phases(), time.perf_counter()
+        if request.weights is not None:  # first message of a round: adopt the global model
+            load_modules(request.weights, self.modules)
+            self.epoch, self.cursor = request.round - 1, 0
             self.pending, self._graph = -1, None
         for group in self.parts.optimizer.param_groups:
-            group["lr"] = float(conf["lr"])
+            group["lr"] = request.lr
         recompute_s = -1.0
-        if "grad" in request:
-            recompute_s = self._apply_gradient(request["grad"], phases)
+        if request.gradient is not None:
+            recompute_s = self.apply_gradient(request.gradient, phases)
         elif self.pending >= 0:
             raise PayloadError(f"batch {self.pending} still waits for its gradient")
 
@@ -272,28 +251,33 @@ class SplitClient:
                 break
 
         done = self.cursor >= self.num_batches and self.pending < 0
-        metrics = {
-            "num-examples": sum(len(y) for y in labels),
-            "aux-loss-sum": aux_loss,
-            "aux-correct": aux_correct,
-            "data-seconds": data_s,
-            "seconds": time.perf_counter() - t0,
-            "recomputes": int(recompute_s >= 0),
-            "recompute-seconds": max(recompute_s, 0.0),
-            "awaits-gradient": int(self.pending >= 0),
-            "done": int(done),
-        }
-        reply = RecordDict({"metrics": MetricRecord(metrics | self._measurements(phases))})
+        metrics = TrainMetrics(
+            num_examples=sum(len(y) for y in labels),
+            aux_loss_sum=aux_loss,
+            aux_correct=aux_correct,
+            data_seconds=data_s,
+            seconds=time.perf_counter() - t0,
+            recomputes=int(recompute_s >= 0),
+            recompute_seconds=max(recompute_s, 0.0),
+            awaits_gradient=self.pending >= 0,
+            done=done,
+            epoch_examples=len(self.train_idx) if done else None,
+            forward_seconds=phases.forward,
+            backward_seconds=phases.backward,
+            peak_saved_bytes=self.meter.peak,
+            held_saved_bytes=self.meter.current,  # still held while the reply travels
+            peak_rss_bytes=peak_rss_bytes(),
+            peak_cuda_bytes=cuda_peak_bytes(self.compute.device),
+        )
+        reply = TrainReply(metrics)
         if acts:
-            reply["acts"] = encode_activations(
-                torch.cat(acts), torch.cat(labels), self.cfg.payload_dtype
-            )
+            wire = self.cfg.payload_dtype
+            reply.activations = encode_activations(torch.cat(acts), torch.cat(labels), wire)
         if done:
-            reply["arrays"] = encode_modules(self.modules)
-            reply["metrics"]["epoch-examples"] = len(self.train_idx)
+            reply.weights = encode_modules(self.modules)
         return reply
 
-    def _apply_gradient(self, record: ArrayRecord, phases: Phases) -> float:
+    def apply_gradient(self, gradient: ArrayRecord, phases: Phases) -> float:
         """Back-propagate the server's gradient; returns the seconds spent recomputing (or -1)."""
         if self.pending < 0:
             raise PayloadError("received a gradient but no batch is waiting for one")
@@ -302,7 +286,7 @@ class SplitClient:
             t0 = time.perf_counter()
             self._graph = self._recompute(self.pending, phases)
             recompute_s = time.perf_counter() - t0
-        grad = decode_gradient(record, self._graph.acts, self.cfg.payload_dtype)
+        grad = decode_gradient(gradient, self._graph.acts, self.cfg.payload_dtype)
         with self.meter.track():
             self.method.client_gradient(self.parts, self._graph, grad, phases)
         self.pending, self._graph = -1, None
@@ -327,15 +311,16 @@ class SplitClient:
             raise PayloadError(f"batch {batch} does not take a gradient in {self.method.name}")
         return pending
 
+    # ----------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, request: RecordDict) -> RecordDict:
+    def evaluate(self, request: EvaluateRequest) -> EvaluateReply:
         """Test-set activations for the server, plus the aux head's own test accuracy."""
         phases, t0 = Phases(), time.perf_counter()
-        probe = {}
-        if "arrays" in request:
-            load_modules(request["arrays"], self.modules)
+        metrics = EvalMetrics()
+        if request.weights is not None:
+            load_modules(request.weights, self.modules)
             self.eval_cursor = 0
-            probe = self._privacy_probe()
+            metrics.probe_dcor, metrics.probe_count = self._privacy_probe()
         stop = min(len(self.test_idx), self.eval_cursor + self._samples_per_message())
         acts, labels, aux_loss, aux_correct = [], [], 0.0, 0
         for m in self.modules.values():
@@ -359,26 +344,22 @@ class SplitClient:
                 if m is not None:
                     m.train()
         self.eval_cursor = stop
-        metrics = {
-            "num-examples": sum(len(y) for y in labels),
-            "aux-loss-sum": aux_loss,
-            "aux-correct": aux_correct,
-            "seconds": time.perf_counter() - t0,
-            "forward-seconds": phases.forward,
-            "done": int(stop >= len(self.test_idx)),
-        }
-        reply = RecordDict({"metrics": MetricRecord(metrics | probe)})
+        metrics.num_examples = sum(len(y) for y in labels)
+        metrics.aux_loss_sum, metrics.aux_correct = aux_loss, aux_correct
+        metrics.seconds, metrics.forward_seconds = time.perf_counter() - t0, phases.forward
+        metrics.done = stop >= len(self.test_idx)
+        reply = EvaluateReply(metrics)
         if acts:
-            reply["acts"] = encode_activations(
-                torch.cat(acts), torch.cat(labels), self.cfg.payload_dtype
-            )
+            wire = self.cfg.payload_dtype
+            reply.activations = encode_activations(torch.cat(acts), torch.cat(labels), wire)
         return reply
 
-    def _privacy_probe(self) -> dict[str, float]:
-        """dCor(images, activations) of the round's model on this client's first test images."""
+    def _privacy_probe(self) -> tuple[float, int]:
+        """dCor(images, activations) of the round's model on this client's first test images:
+        the value and how many probes it counts (0 when there are too few test images)."""
         n = min(self.cfg.probe_samples, len(self.test_idx))
         if n < 2:
-            return {}
+            return 0.0, 0
         segment = self.modules["segment"]
         segment.eval()
         try:
@@ -387,20 +368,11 @@ class SplitClient:
                 acts = segment(x)
         finally:
             segment.train()
-        return {"probe-dcor": distance_correlation(x, acts), "probe-count": 1}
+        return distance_correlation(x, acts), 1
 
     # ---------------------------------------------------------------------------- measurement
-    def _start_measuring(self) -> None:
+    def start_measuring(self) -> None:
+        """Peaks from here on: the ClientApp calls it per message, the reference per round."""
         self.meter.reset_peak()
         reset_peak_rss()
         reset_cuda_peak(self.compute.device)
-
-    def _measurements(self, phases: Phases) -> dict[str, float | int]:
-        return {
-            "forward-seconds": phases.forward,
-            "backward-seconds": phases.backward,
-            "peak-saved-bytes": self.meter.peak,
-            "held-saved-bytes": self.meter.current,  # still held while the reply travels
-            "peak-rss-bytes": peak_rss_bytes(),
-            "peak-cuda-bytes": cuda_peak_bytes(self.compute.device),
-        }
