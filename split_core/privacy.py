@@ -2,8 +2,9 @@
 
 Both methods send the cut-layer activations to the server. DSL's local objective (an aux
 classifier at the cut) might make them carry more of the input, or less. We measure the
-distance correlation dCor(X, Z) between raw inputs X and activations Z = segment(X) on a fixed
-probe batch of test images, each round on the client:
+distance correlation dCor(X, Z) between the input images X (normalised, as the segment sees
+them) and their activations Z = segment(X) on a fixed probe batch of test images, each round on
+the client:
 
     dCor(X, Z) = dCov(X, Z) / sqrt(dCov(X, X) dCov(Z, Z)),  in [0, 1], 0 iff independent,
 
@@ -21,8 +22,9 @@ import torch
 def distance_correlation(x: torch.Tensor, z: torch.Tensor) -> float:
     """Bias-corrected distance correlation of two batches (n >= 4 samples, any shape each).
 
-    The plain sample dCor of two *independent* batches of 64 images in thousands of dimensions
-    is about 0.76, which would swamp the differences we look for; the U-centred estimator
+    The plain sample dCor of two *independent* batches of a few dozen images in thousands of
+    dimensions is far above 0, which would swamp the differences we look for; the U-centred
+    estimator
     (Szekely and Rizzo, "Partial distance correlation with methods for dissimilarities", Annals
     of Statistics 42, 2014) is unbiased for dCor^2 and near 0 there. Returned: the square root
     of that estimate, clipped at 0, so 1 means Z is a similarity transform of X.

@@ -1,7 +1,7 @@
 """Progress inside a long round: batches done of the total, images per second, and an ETA.
 
-A ResNet-110 epoch takes minutes on a GPU and about 11 minutes on 2 CPU cores; without this the
-log is silent until the round ends.
+A deep ResNet's epoch over full data takes minutes; without this the log is silent until the
+round ends.
 """
 
 from __future__ import annotations
