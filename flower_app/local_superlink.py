@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -139,13 +139,17 @@ class FlwrRunResult:
 class LocalSuperLink:
     """``with LocalSuperLink(home) as link: link.run(config, clients=2)``."""
 
-    def __init__(self, home: Path, startup_timeout: float = 60) -> None:
+    def __init__(
+        self, home: Path, startup_timeout: float = 60, env: Mapping[str, str] | None = None
+    ) -> None:
+        """``env``: extra variables for the SuperLink and every process it starts (a sweep
+        tags its processes with one, to find them again after it was killed)."""
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.http_port, self.control_port = free_port(), free_port()
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
-        self.env = flower_env(self.home, self.http_port, self.control_port)
+        self.env = flower_env(self.home, self.http_port, self.control_port) | dict(env or {})
 
     def start(self) -> LocalSuperLink:
         log = self.home / "superlink.log"
@@ -223,6 +227,27 @@ class LocalSuperLink:
         )
         run_dir = Path(run_config.get("output-dir", "outputs")) / str(run_config.get("run-name"))
         return FlwrRunResult(proc.stdout + proc.stderr, run_dir)
+
+    def start_run(
+        self,
+        run_config: Mapping[str, Any],
+        log_file: IO[str],
+        clients: int = 2,
+        cpus_per_client: float | None = None,
+        gpus_per_client: float | None = None,
+        app: Path = APP_ROOT,
+    ) -> subprocess.Popen:
+        """`flwr run <app> --stream` without waiting, its output into ``log_file``: for a
+        caller that follows the run (results files, a timeout) while it goes."""
+        cmd = self._run_command(run_config, clients, cpus_per_client, gpus_per_client, app, None)
+        return subprocess.Popen(
+            [*cmd, "--stream"],
+            env=self.env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=app,
+        )
 
     def submit(self, run_config: Mapping[str, Any], clients: int = 2, app: Path = APP_ROOT) -> int:
         """`flwr run` without waiting: returns the run id."""

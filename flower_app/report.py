@@ -83,6 +83,8 @@ class Run:
 def load_runs(root: str | Path) -> list[Run]:
     runs = []
     for rounds_path in sorted(Path(root).rglob("rounds.jsonl")):
+        if any(part.startswith("run.partial-") for part in rounds_path.parts):
+            continue  # a sweep moved this interrupted run aside and ran the job again
         config_path = rounds_path.parent / "config.json"
         rounds = read_rounds(rounds_path.parent)
         if not config_path.exists() or not rounds:
@@ -300,11 +302,14 @@ def comparison_table(runs: list[Run]) -> str:
 
 
 def failed_jobs(root: str | Path) -> list[dict[str, Any]]:
+    """Jobs whose latest attempt failed: a sweep run again appends a line per job to
+    jobs.jsonl, and a job that failed once and then resumed to its end has not failed."""
     path = Path(root) / "jobs.jsonl"
     if not path.exists():
         return []
     jobs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [j for j in jobs if j.get("status") != "ok"]
+    latest = {j.get("run_dir", j["job"]): j for j in jobs}
+    return [j for j in latest.values() if j.get("status") == "failed"]
 
 
 FIGURES = {
