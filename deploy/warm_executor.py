@@ -253,14 +253,16 @@ class WarmExecutor:
                 trace = None if isinstance(ex, AppTimeout) else ex
                 self.log(ERROR, "ClientApp failed: %s", reason, exc_info=trace)
             details = reason
+            if message is None and stop is None:  # e.g. the app failed to load: the message
+                message = self._unpulled_message()  # still needs a reply, or the node waits
             if message is not None:
                 reply = Message(Error(code=code, reason=reason), reply_to=message)
         finally:
             if stop is not None:
                 self.retry_invoker.max_tries = 1  # exiting: do not block on retries
             try:
-                if reply is not None and context is not None:
-                    push_message(self.client, reply, context)
+                if reply is not None:
+                    push_message(self.client, reply, _addressee(message))
             except Exception as ex:  # noqa: BLE001
                 self.log(ERROR, "Failed to push the reply message", exc_info=ex)
             times.append(time.perf_counter())
@@ -336,6 +338,13 @@ class WarmExecutor:
         message.metadata.__dict__["_message_id"] = tree.object_id  # as flwr-clientapp does
         return message, proto, tree
 
+    def _unpulled_message(self):  # noqa: ANN202
+        try:
+            return self._pull_message_metadata(deadline_seconds=5.0)[0]
+        except Exception as ex:  # noqa: BLE001 -- nothing to answer, then
+            self.log(WARNING, "warm executor: no message to answer for this task: %s", ex)
+            return None
+
     def _pull_message(self, context, token: str):  # noqa: ANN001, ANN202
         from flwr.app import Message
         from flwr.proto.node_pb2 import Node
@@ -371,11 +380,7 @@ class WarmExecutor:
         from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         reply = Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason=reason), reply_to=message)
-        # push_message reads only these two fields of the context
-        where = SimpleNamespace(
-            node_id=message.metadata.dst_node_id, run_id=message.metadata.run_id
-        )
-        push_message(self.client, reply, where)
+        push_message(self.client, reply, _addressee(message))
         push_task_output(self.client, None, SubStatus.FAILED, reason)
         self.log(
             INFO,
@@ -408,6 +413,11 @@ class WarmExecutor:
                 client.close()
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _addressee(message) -> SimpleNamespace:  # noqa: ANN001
+    """What ``push_message`` reads of a context (node and run) for a reply to ``message``."""
+    return SimpleNamespace(node_id=message.metadata.dst_node_id, run_id=message.metadata.run_id)
 
 
 if __name__ == "__main__":

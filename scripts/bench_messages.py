@@ -2,7 +2,8 @@
 """Round-trip time of single messages (server -> one SuperNode -> server) in a deployment.
 
 Runs a throw-away Flower app (written to a temporary directory) against a running deployment,
-e.g. one started by ``scripts/deploy_local.sh start 1``. Its ServerApp sends one message at a
+e.g. one started by ``scripts/deploy_local.sh start 1`` (``python -m deploy.local start 1``;
+``scripts/measure_deployment.py`` starts one per setup). Its ServerApp sends one message at a
 time to one node and times push -> reply (polling ``pull_messages`` every 5 ms):
 
   query.setup            a tiny message (a ConfigRecord), tiny reply
