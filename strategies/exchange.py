@@ -79,7 +79,8 @@ class RunStopped(RuntimeError):
 class ExchangeReport:
     failures: dict[int, str] = field(default_factory=dict)
     codes: dict[int, int] = field(default_factory=dict)  # Flower's error code, where one came
-    wait_seconds: float = 0.0
+    seconds: float = 0.0  # the whole exchange
+    wait_seconds: float = 0.0  # of which the server waited for replies
     messages: int = 0
     peak_queued: int = 0  # replies of one client waiting to be consumed, at most
     peak_active: int = 0  # clients in flight at once, at most
@@ -136,11 +137,13 @@ class Exchange:
             self._expire()
             self._check_stop()
             self._pause(progressed)
-        self.report.wait_seconds = time.perf_counter() - self._t_start - self._busy
+        self.report.seconds = time.perf_counter() - self._t_start
+        self.report.wait_seconds = self.report.seconds - self._busy
         return self.report
 
     # ------------------------------------------------------------------------- state
     def _begin(self, phase: Phase) -> None:
+        self._t_start = time.perf_counter()
         first = phase.first_messages()
         order = [m.metadata.dst_node_id for m in first]
         self.phase, self.report = phase, ExchangeReport()
@@ -149,7 +152,7 @@ class Exchange:
         self._not_started = {m.metadata.dst_node_id: m for m in first}
         self._queues: dict[int, deque[Message]] = {n: deque() for n in order}
         self._deferred: dict[int, Message] = {}  # asked for once a queued reply is consumed
-        self._busy, self._idle_polls, self._t_start = 0.0, 0, time.perf_counter()
+        self._busy, self._idle_polls = 0.0, 0
         self._last_stop_check = time.monotonic()
 
     # ---------------------------------------------------------------------- messages

@@ -94,8 +94,11 @@ class Outcome:
 
     ledger: Ledger
     report: ExchangeReport
-    seconds: float
     clients: int = 0  # clients that completed the phase
+
+    @property
+    def seconds(self) -> float:
+        return self.report.seconds
 
 
 def round_record(

@@ -14,7 +14,6 @@ training in ``lifecycle``, the aggregation in ``aggregation``.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -40,8 +39,7 @@ log = logging.getLogger("flwr").getChild("split")
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None] | None
 STREAMED = (  # why Flower's aggregate_* hooks are not where aggregation happens
     "split learning aggregates as replies stream in, so that none outlives its turn: see "
-    "TrainPhase.consume and EvaluatePhase.consume (strategies/phases.py) and FedAvg "
-    "(strategies/aggregation.py); SplitLearningStrategy.start drives the rounds"
+    "TrainPhase.consume and EvaluatePhase.consume (strategies/phases.py); start() drives rounds"
 )
 
 
@@ -181,18 +179,15 @@ class SplitLearningStrategy(Strategy):
         self, grid: Grid, rnd: int, arrays: ArrayRecord
     ) -> tuple[ArrayRecord | None, Outcome]:
         """One epoch over every client's data; returns the FedAvg'd client weights."""
-        t0 = time.perf_counter()
         self.server.set_lr(self.cfg.lr_at(rnd))
         phase = self._train_phase(rnd, arrays)
         report = self._exchange(grid).run(phase)
-        outcome = Outcome(phase.ledger, report, time.perf_counter() - t0, phase.fedavg.clients)
-        return phase.fedavg.result(), outcome
+        return phase.fedavg.result(), Outcome(phase.ledger, report, phase.fedavg.clients)
 
     def evaluate_round(self, grid: Grid, rnd: int, arrays: ArrayRecord) -> Outcome:
         """Test activations are scored as they arrive; nothing waits for the others."""
-        t0, phase = time.perf_counter(), self._evaluate_phase(rnd, arrays)
-        report = self._exchange(grid).run(phase)
-        return Outcome(phase.ledger, report, time.perf_counter() - t0)
+        phase = self._evaluate_phase(rnd, arrays)
+        return Outcome(phase.ledger, self._exchange(grid).run(phase))
 
     def end_round(
         self,
