@@ -7,12 +7,15 @@ FLWR_HOME, knows its PID, and stops it, and whatever it spawned, when it is done
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +24,23 @@ from typing import IO, Any
 
 import httpx
 
-APP_ROOT = Path(__file__).resolve().parents[1]
+
+def _app_root() -> Path:
+    """The Flower app `flwr run` builds its FAB from: the checkout; for an installed wheel (no
+    pyproject.toml beside the packages) a directory made once per process from the wheel's copy
+    of pyproject.toml (split_core/app_config.toml) and the installed packages."""
+    here = Path(__file__).resolve().parents[1]
+    if (here / "pyproject.toml").is_file():
+        return here
+    app = Path(tempfile.mkdtemp(prefix="split-learning-app-"))
+    atexit.register(shutil.rmtree, app, ignore_errors=True)
+    shutil.copyfile(here / "split_core" / "app_config.toml", app / "pyproject.toml")
+    for package in ("flower_app", "strategies", "split_core", "models"):
+        shutil.copytree(here / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return app
+
+
+APP_ROOT = _app_root()
 BIN = Path(os.environ.get("FLOWER_BIN") or Path(sys.executable).parent)  # flwr, flower-superlink
 OFFLINE_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
