@@ -81,7 +81,7 @@ class Deployment:
     def online_nodes(self) -> list[str]:
         return [str(n) for n in self.local.online_nodes()]
 
-    def run(self, name: str, config: dict, timeout: float = 240) -> FlowerRun:
+    def run(self, name: str, config: dict, timeout: float = 600) -> FlowerRun:
         """`flwr run <ROOT> local-deployment --stream`; data-dir comes from the node config."""
         overrides = config | {"output-dir": str(self.out), "run-name": name}
         start = time.monotonic()
