@@ -18,13 +18,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 
-from flower_app.client import SplitClient
 from flower_app.local_superlink import LocalSuperLink
 from flower_app.results import human_bytes, read_rounds
+from split_core.client import SplitClient
 from split_core.config import RunConfig
 from split_core.payload import encode_modules, record_bytes
+from split_core.protocol import TrainRequest
 
 CONFIG = {"method": "csl", "num-rounds": 1, "samples-per-client": 512, "test-samples": 256}
 
@@ -58,8 +59,7 @@ def state_sizes() -> None:
                 {"depth": depth, "cut": cut, "method": method, "samples-per-client": 128}
             )
             client = SplitClient.create(cfg, 0, 1, cfg.data_dir)
-            config = ConfigRecord({"round": 1, "lr": 0.1})
-            client.train(RecordDict({"arrays": encode_modules(client.modules), "config": config}))
+            client.train(TrainRequest(1, 0.1, weights=encode_modules(client.modules)))
             state = RecordDict()
             client.save(state)
             size = sum(record_bytes(r) for r in state.array_records.values())

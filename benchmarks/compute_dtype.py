@@ -17,7 +17,7 @@ import time
 import torch
 
 from flower_app import reference
-from flower_app.client import SplitClient
+from split_core.client import SplitClient
 from split_core.config import RunConfig, parse_overrides
 from split_core.steps import Phases
 from strategies.server_segment import ServerSegment

@@ -25,6 +25,7 @@ from flwr.simulation import run_simulation
 
 from strategies.exchange import Exchange
 from strategies.nodes import wait_for_nodes
+from strategies.phases import QueryPhase
 
 client = ClientApp()
 
@@ -45,9 +46,7 @@ def probe(grid: Grid, payload_bytes: int, repeats: int) -> list[float]:
             content["data"] = ArrayRecord({"x": Array(data)})
         message = Message(content=content, dst_node_id=node, message_type="query.echo")
         t0 = time.perf_counter()
-        Exchange(grid, 600, window=1, max_queued=1).run(
-            [message], request_next=lambda n, r: None, consume=lambda n, r: (None, True)
-        )
+        Exchange(grid, 600, window=1, max_queued=1).run(QueryPhase([message]))
         times.append(time.perf_counter() - t0)
     return times[1:]
 
