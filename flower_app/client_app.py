@@ -174,6 +174,7 @@ def _step(
     m = reply.metrics
     m.handler_seconds = time.perf_counter() - t0  # restore + step + save
     m.rebuilt, m.live_clients, m.state_bytes = int(rebuilt), len(LIVE), state_bytes(context)
+    reply.ray_node = ray_node_id()
     return reply.content()
 
 
@@ -210,6 +211,15 @@ def assigned_resources() -> tuple[float, float]:
         return float(assigned.get("CPU", 0.0)), float(assigned.get("GPU", 0.0))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return float(len(os.sched_getaffinity(0))), float(gpus)
+
+
+def ray_node_id() -> str | None:
+    """The Ray node of the actor running this message (None outside a Ray simulation): on a
+    multi-node Ray cluster, rounds.jsonl shows where the clients' work ran."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
 
 
 def state_bytes(context: Context) -> int:

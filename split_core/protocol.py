@@ -57,6 +57,9 @@ OPTIMIZER = "optim"  # momentum buffers by parameter index
 # key is named here because the server counts their bytes apart.
 LABELS = "labels"
 
+# Keys inside the info record of training and evaluation replies.
+RAY_NODE = "ray-node"  # the Ray node whose actor served the message (simulation only)
+
 # Keys inside the config records of requests.
 ROUND = "round"
 LR = "lr"
@@ -298,10 +301,18 @@ class TrainReply:
     metrics: TrainMetrics
     activations: ArrayRecord | None = None  # acts + labels of the batches of this message
     weights: ArrayRecord | None = None  # the client's weights, with its last reply of a round
+    ray_node: str | None = None  # set by the ClientApp when a Ray actor served the message
 
     def content(self) -> RecordDict:
         metrics = encode_metrics(self.metrics)
-        return _content(**{METRICS: metrics, ACTIVATIONS: self.activations, WEIGHTS: self.weights})
+        return _content(
+            **{
+                METRICS: metrics,
+                ACTIVATIONS: self.activations,
+                WEIGHTS: self.weights,
+                INFO: _worker_info(self.ray_node),
+            }
+        )
 
     @classmethod
     def decode(cls, content: RecordDict) -> TrainReply:
@@ -309,6 +320,7 @@ class TrainReply:
             decode_metrics(TrainMetrics, _get(content, METRICS, MetricRecord, "reply")),
             _get(content, ACTIVATIONS, ArrayRecord, "reply", required=False),
             _get(content, WEIGHTS, ArrayRecord, "reply", required=False),
+            _decode_ray_node(content),
         )
 
 
@@ -333,16 +345,43 @@ class EvaluateRequest(_Request):
 class EvaluateReply:
     metrics: EvalMetrics
     activations: ArrayRecord | None = None
+    ray_node: str | None = None  # as in TrainReply
 
     def content(self) -> RecordDict:
-        return _content(**{METRICS: encode_metrics(self.metrics), ACTIVATIONS: self.activations})
+        metrics = encode_metrics(self.metrics)
+        info = _worker_info(self.ray_node)
+        return _content(**{METRICS: metrics, ACTIVATIONS: self.activations, INFO: info})
 
     @classmethod
     def decode(cls, content: RecordDict) -> EvaluateReply:
         return cls(
             decode_metrics(EvalMetrics, _get(content, METRICS, MetricRecord, "reply")),
             _get(content, ACTIVATIONS, ArrayRecord, "reply", required=False),
+            _decode_ray_node(content),
         )
+
+
+def _worker_info(ray_node: str | None) -> ConfigRecord | None:
+    return ConfigRecord({RAY_NODE: ray_node}) if ray_node is not None else None
+
+
+def _decode_ray_node(content: RecordDict) -> str | None:
+    """The Ray node id a reply names, if any: a short hex string and nothing else in its info
+    record (it lands in rounds.jsonl, so an unbounded or odd value is refused)."""
+    info = _get(content, INFO, ConfigRecord, "reply", required=False)
+    if info is None:
+        return None
+    extra = sorted(set(info) - {RAY_NODE})
+    if extra:
+        raise PayloadError(f"reply info carries undeclared {extra}")
+    value = info.get(RAY_NODE)
+    if not isinstance(value, str) or not 0 < len(value) <= 64 or not _is_hex(value):
+        raise PayloadError(f"{RAY_NODE!r} must be a Ray node id (hex), got {str(value)[:80]!r}")
+    return value
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 # ------------------------------------------------------------------ checkpoint, restore

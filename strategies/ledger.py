@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Generic
 
@@ -61,6 +62,7 @@ class Ledger:
     correct: int = 0
     examples: int = 0
     batches: int = 0
+    ray_nodes: Counter[str] = field(default_factory=Counter)  # replies served per Ray node
 
     def __post_init__(self) -> None:
         self.client = Tally(EvalMetrics if self.evaluation else TrainMetrics)
@@ -74,6 +76,8 @@ class Ledger:
             self.bytes["labels"] += reply.bytes_labels
             self.bytes["model_sync"] += reply.bytes_weights
         self.client.add(reply.metrics)
+        if reply.ray_node is not None:
+            self.ray_nodes[reply.ray_node] += 1
 
     def add_server(self, result: StepResult, examples: int, batches: int) -> None:
         self.losses.append(result.loss)
@@ -167,6 +171,7 @@ def round_record(
         "wait_seconds": train.report.wait_seconds,
         "eval_client_seconds": float(e.forward_seconds),
         "eval_server_seconds": el.phases.forward,
+        "ray_nodes": dict(sorted((tl.ray_nodes + el.ray_nodes).items())),
     }
 
 

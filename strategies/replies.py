@@ -75,6 +75,7 @@ class Reply:
     bytes_activations: int = 0
     bytes_labels: int = 0
     bytes_weights: int = 0
+    ray_node: str | None = None  # the Ray node that served it (simulation on a Ray cluster)
 
     @property
     def done(self) -> bool:
@@ -101,6 +102,7 @@ def eval_status(message: Message) -> EvalMetrics:
 def parse_train(message: Message, expected: Expected) -> Reply:
     decoded = TrainReply.decode(message.content)
     reply = _check(decoded.metrics, decoded.activations, expected)
+    reply.ray_node = decoded.ray_node
     if reply.done:
         reply.weights = check_weights(decoded.weights, expected.global_weights)
         reply.bytes_weights = record_bytes(decoded.weights)
@@ -115,7 +117,9 @@ def parse_train(message: Message, expected: Expected) -> Reply:
 
 def parse_eval(message: Message, expected: Expected) -> Reply:
     decoded = EvaluateReply.decode(message.content)
-    return _check(decoded.metrics, decoded.activations, expected)
+    reply = _check(decoded.metrics, decoded.activations, expected)
+    reply.ray_node = decoded.ray_node
+    return reply
 
 
 def _check(metrics: StepMetrics, acts: ArrayRecord | None, expected: Expected) -> Reply:

@@ -83,6 +83,28 @@ def test_replies_round_trip():
     assert SetupReply.decode(setup.content()) == setup
 
 
+def test_the_ray_node_travels_in_the_info_record_and_nothing_else_does():
+    node = "5ea880b07b9698c5c9bbf9143352aced8e1f0688132e1ea999fe96e8"
+    train = TrainReply(TrainMetrics(num_examples=0), ray_node=node)
+    assert TrainReply.decode(train.content()).ray_node == node
+    evaluation = EvaluateReply(EvalMetrics(num_examples=0), ray_node=node)
+    assert EvaluateReply.decode(evaluation.content()).ray_node == node
+    assert "info" not in TrainReply(TrainMetrics(num_examples=0)).content()
+    for value, problem in (
+        ("x" * 65, "'ray-node' must be a Ray node id \\(hex\\), got 'xxx"),
+        ("NODE-1", "'ray-node' must be a Ray node id \\(hex\\), got 'NODE-1'"),
+        (7, "'ray-node' must be a Ray node id \\(hex\\), got '7'"),
+    ):
+        content = train.content()
+        content["info"] = ConfigRecord({"ray-node": value})
+        with pytest.raises(PayloadError, match=problem):
+            TrainReply.decode(content)
+    content = evaluation.content()
+    content["info"] = ConfigRecord({"ray-node": node, "secret": "x"})
+    with pytest.raises(PayloadError, match=r"reply info carries undeclared \['secret'\]"):
+        EvaluateReply.decode(content)
+
+
 def test_an_unfinished_reply_sends_no_epoch_examples():
     record = encode_metrics(TrainMetrics(num_examples=32))
     assert "epoch-examples" not in record and record["done"] == 0
