@@ -128,10 +128,12 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def deploy(tmp: Path, num_nodes: int):
-    """A SuperLink and ``num_nodes`` SuperNodes (Flower's own processes) on loopback."""
+def deploy(tmp: Path, num_nodes: int, warm: bool = False):
+    """A SuperLink and ``num_nodes`` SuperNodes on loopback: Flower's own processes, or with
+    one warm ClientApp process per SuperNode (``warm``)."""
     settings = Settings(
         nodes=num_nodes,
+        warm=warm,
         superlink_port=free_port(),
         supernode_base_port=free_port_block(num_nodes),
         data_dir=data_dir(),
@@ -225,7 +227,11 @@ def test_csl_in_deployment(deployment: Deployment, one_thread):
 def test_a_supernode_killed_after_round_1_leaves_a_run_that_finishes(tmp_path, one_thread):
     """3 SuperNodes; one is SIGKILLed once round 1 is written. The run finishes rounds 2 and 3
     with the two survivors; the dead node is dropped by reply-timeout (Flower itself takes
-    about a minute to mark it offline) and named in rounds.jsonl."""
+    about a minute to mark it offline) and named in rounds.jsonl.
+
+    The SuperNodes run warm ClientApp processes: with a fresh process per message, three of
+    them importing torch at once on a loaded 2-core CPU took longer than any reply-timeout
+    short enough for this test (40 s was missed), and the round lost its clients to that."""
     config = SMALL | {
         "method": "dsl",
         "num-rounds": 3,
@@ -234,7 +240,7 @@ def test_a_supernode_killed_after_round_1_leaves_a_run_that_finishes(tmp_path, o
         "samples-per-client": 64,
         "checkpoint-every": 0,
     }
-    with deploy(tmp_path, 3) as dep:
+    with deploy(tmp_path, 3, warm=True) as dep:
         overrides = config | {"output-dir": str(dep.out), "run-name": "killed"}
         started = dep.flwr(
             "run",
