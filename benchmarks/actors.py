@@ -20,7 +20,7 @@ from pathlib import Path
 
 from flwr.app import RecordDict
 
-from flower_app.local_superlink import LocalSuperLink
+from deploy.local_superlink import LocalSuperLink
 from flower_app.results import human_bytes, read_rounds
 from split_core.client import SplitClient
 from split_core.config import RunConfig

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from flower_app import reference
+from experiments import reference
 from split_core.client import SplitClient
 from split_core.config import RunConfig, parse_overrides
 from split_core.steps import Phases

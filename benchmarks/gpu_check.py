@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from flower_app import reference
+from experiments import reference
 from flower_app.results import human_bytes, read_rounds
 from split_core.config import RunConfig
 
@@ -105,7 +105,7 @@ def main() -> None:
                 r = in_process(config)
             else:
                 if link is None:  # one SuperLink for every Flower row; needs Flower's CLI, Ray
-                    from flower_app.local_superlink import LocalSuperLink
+                    from deploy.local_superlink import LocalSuperLink
 
                     link = LocalSuperLink(out / "flwr-home").start()
                 r = through_flower(link, config, k, gpus if gpu else 0.0, out)

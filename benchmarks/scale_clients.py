@@ -19,9 +19,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from flower_app.local_superlink import APP_ROOT, LocalSuperLink
+from deploy.local_superlink import APP_ROOT, LocalSuperLink
+from experiments.run_memory import RunMemory, settle
 from flower_app.results import human_bytes, read_rounds
-from flower_app.run_memory import RunMemory, settle
 from split_core.config import parse_overrides
 
 BASE = {"depth": 20, "cut": 3, "num-rounds": 1, "samples-per-client": 128}

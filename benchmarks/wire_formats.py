@@ -18,8 +18,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from flower_app import reference
-from flower_app.local_superlink import LocalSuperLink
+from deploy.local_superlink import LocalSuperLink
+from experiments import reference
 from flower_app.results import human_bytes, read_rounds
 from split_core.config import RunConfig, parse_overrides
 

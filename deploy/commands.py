@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flower_app.local_superlink import BIN
+from deploy.local_superlink import BIN
 
 CONNECTION = "local-deployment"
 

@@ -46,8 +46,8 @@ from deploy.files import (
     private_dir,
     read_pids,
 )
+from deploy.local_superlink import OFFLINE_ENV, run_flwr
 from deploy.processes import descendants, port_in_use, start_process, stop_group
-from flower_app.local_superlink import OFFLINE_ENV, run_flwr
 
 REPO = Path(__file__).resolve().parents[1]
 __all__ = ["CONNECTION", "DeploymentError", "LocalDeployment", "Settings"]

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flower_app.local_superlink import write_app
+from deploy.local_superlink import write_app
 
 APP = '''\
 """Ping-pong messages of a few sizes; timings go to run-config "out" (JSON)."""

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from deploy.local import CONNECTION, LocalDeployment, Settings
-from flower_app.local_superlink import free_port_block
+from deploy.local_superlink import free_port_block
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUPS: dict[str, dict] = {  # Settings of each setup ("{deploy}": its deployment directory)

@@ -19,8 +19,8 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from deploy.local_superlink import LocalSuperLink
 from flower_app import client_app as real
-from flower_app.local_superlink import LocalSuperLink
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from deploy.files import read_pids
-from flower_app.local_superlink import (
+from deploy.local_superlink import (
     BIN,
     free_port,
     free_port_block,

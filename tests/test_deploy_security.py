@@ -40,11 +40,11 @@ from deploy.files import (
     start_time,
 )
 from deploy.local import LocalDeployment
+from deploy.local_superlink import free_port, free_port_block, write_app
 from deploy.processes import descendants
 from deploy.superlink_guard import LoopbackOnly, parse_allowed
 from deploy.supervisor import RESTART_NOW, next_pause
 from deploy.warm_parts import SETUP_SECONDS, app_timeout
-from flower_app.local_superlink import free_port, free_port_block, write_app
 from tests.conftest import ROOT
 
 # -- the deployment directory -------------------------------------------------------------------

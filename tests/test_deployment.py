@@ -10,7 +10,7 @@ In deployment every message a SuperNode receives starts a fresh `flwr-clientapp`
 SuperNode logs count them; checked below). The ClientApp's in-process cache is therefore always
 empty, and every step after `query.setup` must rebuild the client from `context.state`. So these
 runs prove that `context.state` is the source of truth: the weights they produce equal the
-in-process reference's (`flower_app.reference`), message for message.
+in-process reference's (`experiments.reference`), message for message.
 
 All processes are stopped by PID (their process groups, then any descendant left) when the
 deployment's `with` block ends, also when a test or the start-up fails.
@@ -32,8 +32,8 @@ import pytest
 import torch
 
 from deploy.local import CONNECTION, LocalDeployment, Settings
-from flower_app import reference
-from flower_app.local_superlink import free_port, free_port_block
+from deploy.local_superlink import free_port, free_port_block
+from experiments import reference
 from flower_app.results import read_rounds
 from models import cut_shape
 from split_core.config import RunConfig

@@ -5,7 +5,7 @@ fenced block is split into commands. For each: the script or module it runs exis
 (`python -m X`, `python path.py`, `bash path.sh`, `path.sh`); every `--run-config` key (and
 every `key=value` override of our own scripts) is a run-config key; every `--federation-config`
 key is one flwr 1.42 accepts (checked with flwr's own parser); every Hydra override of
-`flower_app.sweep` names a preset, group option or key of conf/; every `flwr` subcommand is one
+`experiments.sweep` names a preset, group option or key of conf/; every `flwr` subcommand is one
 of flwr's. Running the commands is left to the tests of each tool: this checks that the text
 keeps up with the code.
 """
@@ -36,7 +36,7 @@ SEPARATORS = {"&&", "||", ";", "|", "&", "(", ")"}
 SHELL_WORDS = {"do", "then", "else", "done", "fi", "wait", "for", "if", "while"}
 # Our scripts that take run-config overrides as `key=value` arguments (and extra keys of theirs).
 OVERRIDE_TAKERS = {
-    "flower_app.reference": set(),
+    "experiments.reference": set(),
     "benchmarks/compare_methods.py": {"clients"},
     "benchmarks/compute_dtype.py": set(),
     "benchmarks/scale_clients.py": set(),
@@ -228,10 +228,10 @@ def hydra_override_problem(arg: str) -> str | None:
 
 
 @pytest.mark.parametrize(
-    "c", [c for c in by_program("python") if "flower_app.sweep" in c.words], ids=str
+    "c", [c for c in by_program("python") if "experiments.sweep" in c.words], ids=str
 )
 def test_sweep_overrides_name_real_presets_groups_and_keys(c):
-    args = c.words[c.words.index("flower_app.sweep") + 1 :]
+    args = c.words[c.words.index("experiments.sweep") + 1 :]
     problems = [p for a in args if (p := hydra_override_problem(a))]
     assert not problems, f"{c}: {problems}"
 
@@ -263,10 +263,10 @@ def test_the_checks_catch_mistakes():
     with pytest.raises(ValueError, match="Unknown simulation config"):
         simulation_config_from_json({"num_super_nodes": 4})
     doc = commands_of(
-        "```bash\nFOO=1 python -m flower_app.report x && bash s.sh \\\n  --y # c\n```"
+        "```bash\nFOO=1 python -m experiments.report x && bash s.sh \\\n  --y # c\n```"
     )
     assert [c.words for c in doc] == [
-        ("python", "-m", "flower_app.report", "x"),
+        ("python", "-m", "experiments.report", "x"),
         ("bash", "s.sh", "--y"),
     ]
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from flower_app import reference
+from experiments import reference
 from flower_app.results import read_rounds
 from models import cut_shape
 from split_core.config import RunConfig

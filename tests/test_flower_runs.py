@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flower_app import reference
-from split_core.client import SplitClient
+from experiments import reference
 from flower_app.results import CONTRACT_KEYS, read_rounds
 from models import cut_shape, resnet
+from split_core.client import SplitClient
 from split_core.config import RunConfig
 from tests.conftest import TINY, data_dir, real_data_dir
 

@@ -103,9 +103,9 @@ print(json.dumps({
 
 # Appended to the notebook's cells: where its modules came from, and what it drew.
 NOTEBOOK_CHECKS = """
-import flower_app.report, flower_app.simulation
+import experiments.report, flower_app.simulation
 from matplotlib.figure import Figure
-for module in (flower_app.report, flower_app.simulation):
+for module in (experiments.report, flower_app.simulation):
     assert module.__file__.startswith(os.environ["EXPECTED_PREFIX"]), module.__file__
 assert sorted(run.method for run in runs) == ["csl", "dsl"]
 for draw in (fig_accuracy, fig_communication, fig_memory, fig_time, fig_probe):
@@ -158,7 +158,7 @@ def test_wheel_runs_a_sweep_job(venv, tmp_path):
         venv,
         tmp_path,
         "-m",
-        "flower_app.sweep",
+        "experiments.sweep",
         "num_clients=1",
         "cpus_per_client=1",
         "job_timeout_s=300",

@@ -146,7 +146,7 @@ def test_every_metric_declares_its_fold_and_a_unique_key():
 # ----------------------------------------------------------------------- one place
 USERS = [  # the modules that speak the protocol
     "flower_app/client_app.py",
-    "flower_app/reference.py",
+    "experiments/reference.py",
     "split_core/client.py",
     "split_core/client_state.py",
     *sorted(

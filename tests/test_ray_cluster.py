@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flower_app.local_superlink import BIN, LocalSuperLink, free_port
+from deploy.local_superlink import BIN, LocalSuperLink, free_port
 from flower_app.results import read_rounds
 from tests.conftest import TINY, data_dir
 

@@ -14,8 +14,8 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from experiments import reference
 from flower_app import client_app as real
-from flower_app import reference
 from flower_app.results import read_rounds
 from flower_app.simulation import simulate
 from split_core.config import RunConfig

@@ -15,7 +15,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from flower_app import client_app, reference
+from experiments import reference
+from flower_app import client_app
 from split_core import protocol
 from split_core.config import RunConfig
 from strategies.split_strategy import SplitLearningStrategy

@@ -19,9 +19,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from flower_app.report import COLUMNS, load_runs, make_report
-from flower_app.sweep import explicit_jobs, inspect_run_dir, job_label, job_name, status_table
-from flower_app.sweep_session import TOKEN_VAR, kill_tagged, tagged_pids
+from experiments.report import COLUMNS, load_runs, make_report
+from experiments.sweep import explicit_jobs, inspect_run_dir, job_label, job_name, status_table
+from experiments.sweep_session import TOKEN_VAR, kill_tagged, tagged_pids
 from split_core.config import RunConfig
 from tests.conftest import ROOT, TINY, data_dir
 
@@ -113,7 +113,7 @@ def test_kill_tagged_kills_only_processes_with_its_token():
 
 REAPED_PARENT = """
 import os, subprocess, sys, time
-from flower_app.sweep_session import REAPER, TOKEN_VAR
+from experiments.sweep_session import REAPER, TOKEN_VAR
 token = sys.argv[1]
 subprocess.Popen([sys.executable, "-c", REAPER, str(os.getpid()), f"{TOKEN_VAR}={token}"],
                  start_new_session=True)
@@ -189,7 +189,7 @@ def test_every_job_of_the_grid_preset_is_a_valid_run_config():
 
 
 def _sweep(*args: str) -> list[str]:
-    return [sys.executable, "-m", "flower_app.sweep", *args]
+    return [sys.executable, "-m", "experiments.sweep", *args]
 
 
 def _latest_statuses(sweep_dir: Path) -> dict[int, dict]:

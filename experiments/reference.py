@@ -144,7 +144,7 @@ def client_weights(run: ReferenceRun) -> dict[str, np.ndarray]:
 
 
 def main(argv: list[str]) -> None:
-    """``python -m flower_app.reference [--clients K] key=value ...``: one run, a line a round."""
+    """``python -m experiments.reference [--clients K] key=value ...``: one run, a line a round."""
     clients = 1
     if argv[:1] == ["--clients"]:
         clients, argv = int(argv[1]), argv[2:]

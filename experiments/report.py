@@ -2,7 +2,7 @@
 
 Fig. 8, beyond the paper: the distance correlation between inputs and cut activations.
 
-    python -m flower_app.report multirun/2026-11-25_17-30-00 [--out docs/cpu_compare]
+    python -m experiments.report multirun/2026-11-25_17-30-00 [--out docs/cpu_compare]
 
 Any directory works: every ``rounds.jsonl`` below it (with its ``config.json``) is one run. Runs
 that differ only in the method are paired, CSL against DSL, for each dataset, depth, cut and

@@ -1,8 +1,8 @@
 """Sweeps in which every job is a real `flwr run` simulation, and that survive being killed.
 
-    python -m flower_app.sweep +experiment=grid                     # a preset's list of jobs
-    python -m flower_app.sweep -m +experiment=cpu_compare hydra.sweep.dir=multirun/cpu
-    python -m flower_app.sweep -m method=dsl,csl split=cut3,cut6 num_clients=1,2 \
+    python -m experiments.sweep +experiment=grid                     # a preset's list of jobs
+    python -m experiments.sweep -m +experiment=cpu_compare hydra.sweep.dir=multirun/cpu
+    python -m experiments.sweep -m method=dsl,csl split=cut3,cut6 num_clients=1,2 \
         run_config.num-rounds=10 hydra.sweep.dir=multirun/mine
 
 Two kinds of sweep: Hydra's ``-m`` makes the cartesian product of comma lists (and of a
@@ -23,8 +23,8 @@ a grid never renames a job. Its run goes to ``<name>/run/``, `flwr run`'s output
 While a job runs, one line per round; a job past ``job_timeout_s`` is stopped with `flwr stop`
 (its checkpoint stays: the next invocation resumes it). The sweep ends with a status table,
 also written to ``<sweep dir>/status.md``; ``<sweep dir>/jobs.jsonl`` gets a line per job per
-invocation. Safe to run as ``nohup nice -n 19 python -m flower_app.sweep ... &`` and to kill
-at any time: see flower_app/sweep_session.py. `python -m flower_app.report <sweep dir>` turns
+invocation. Safe to run as ``nohup nice -n 19 python -m experiments.sweep ... &`` and to kill
+at any time: see experiments/sweep_session.py. `python -m experiments.report <sweep dir>` turns
 the directory into the paper's figures and a table.
 """
 
@@ -48,14 +48,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.sweep_session import SweepSession, complete_rounds, follow_run
 from flower_app.results import read_run_config
-from flower_app.sweep_session import SweepSession, complete_rounds, follow_run
 from split_core.config import ConfigError, RunConfig
 from strategies.checkpoint import IGNORED_ON_RESUME, MAY_CHANGE_ON_RESUME
 
 log = logging.getLogger(__name__)
 
-# Hydra's configs: conf/ in a checkout; an installed wheel carries them as flower_app/conf.
+# Hydra's configs: conf/ in a checkout; an installed wheel carries them as experiments/conf.
 _HERE = Path(__file__).resolve().parent
 CONF_DIR = _HERE / "conf" if (_HERE / "conf").is_dir() else _HERE.parent / "conf"
 

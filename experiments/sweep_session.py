@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flower_app.local_superlink import LocalSuperLink, process_alive
+from deploy.local_superlink import LocalSuperLink, process_alive
 
 log = logging.getLogger(__name__)
 
