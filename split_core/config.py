@@ -31,6 +31,7 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 PACKAGED_PYPROJECT = Path(__file__).resolve().parent / "app_config.toml"
 PARTITIONS = ("iid", "dirichlet")
 LR_SCHEDULES = ("constant", "step", "cosine")
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean")  # strategies/aggregation.py
 
 
 class ConfigError(ValueError):
@@ -83,6 +84,13 @@ class RunConfig:
     poll_seconds: float
     min_clients: int
     reply_timeout: float
+    round_timeout: float
+    max_activation: float
+    max_weight: float
+    server_grad_clip: float
+    aggregation: str
+    trim_fraction: float
+    max_update_norm: float
     checkpoint_every: int
     resume_from: str
     progress_seconds: float
@@ -166,6 +174,19 @@ class RunConfig:
                 f"poll-seconds must be in (0, 10], got {self.poll_seconds}",
             ),
             (self.reply_timeout > 0, f"reply-timeout must be > 0 s, got {self.reply_timeout}"),
+            (self.round_timeout >= 0, "round-timeout must be >= 0 s (0 = none)"),
+            (self.max_activation > 0, f"max-activation must be > 0, got {self.max_activation}"),
+            (self.max_weight > 0, f"max-weight must be > 0, got {self.max_weight}"),
+            (self.server_grad_clip >= 0, "server-grad-clip must be >= 0 (0 = no clipping)"),
+            (
+                self.aggregation in AGGREGATIONS,
+                f"aggregation {self.aggregation!r} not in {AGGREGATIONS}",
+            ),
+            (
+                0 <= self.trim_fraction < 0.5,
+                f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}",
+            ),
+            (self.max_update_norm >= 0, "max-update-norm must be >= 0 (0 = no bound)"),
             (self.checkpoint_every >= 0, "checkpoint-every must be >= 0 (0 = no checkpoint)"),
             (self.min_clients >= 1, f"min-clients must be >= 1, got {self.min_clients}"),
             (bool(self.output_dir), "output-dir must not be empty"),
