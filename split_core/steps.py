@@ -110,6 +110,10 @@ def client_backward(
     phases.backward += compute.now() - t0
 
 
+class NonFiniteStep(ArithmeticError):
+    """A server step's loss or gradients are not finite: the step was not taken."""
+
+
 def server_step(
     segment: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -119,11 +123,15 @@ def server_step(
     phases: Phases,
     *,
     input_grad: bool,
+    max_grad_norm: float = 0.0,
 ) -> tuple[StepResult, torch.Tensor | None]:
     """Server: one SGD step on the true loss; dL/d(acts) only when the method sends it back.
 
     Without ``input_grad`` autograd never builds the gradient of the activations, which is the
-    server-side saving of DSL.
+    server-side saving of DSL. Before the optimizer moves, the loss, the parameters' gradient
+    and dL/d(acts) must be finite, else ``NonFiniteStep`` (weights and momentum untouched; the
+    forward pass has already updated BatchNorm's running statistics, which the caller
+    restores). ``max_grad_norm`` > 0 clips the parameters' gradient to that L2 norm.
     """
     t0 = compute.now()
     acts = acts.detach().requires_grad_(input_grad)
@@ -133,6 +141,18 @@ def server_step(
     t1 = compute.now()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    finite = torch.isfinite(loss.detach()) & torch.isfinite(norm)
+    if input_grad:
+        finite &= torch.isfinite(acts.grad).all()
+    if not bool(finite):
+        raise NonFiniteStep(
+            f"the server step is not finite (loss {float(loss.detach()):.3g}, gradient norm "
+            f"{float(norm):.3g}): skipped"
+        )
+    if max_grad_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm)
     optimizer.step()
     t2 = compute.now()
     phases.forward += t1 - t0

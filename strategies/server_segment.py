@@ -1,4 +1,10 @@
-"""The server's half of the network: trains on activation payloads, scores test activations."""
+"""The server's half of the network: trains on activation payloads, scores test activations.
+
+One client can never make it non-finite: a payload on which any step's loss or gradient is not
+finite is undone as a whole (weights, BatchNorm statistics, momentum) and rejected with a
+``PayloadError``, so the exchange drops that client exactly as if the payload never came.
+``server-grad-clip`` optionally clips each step's gradient norm.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ from split_core.metering import (
     reset_cuda_peak,
     reset_peak_rss,
 )
-from split_core.steps import Phases, StepResult, score, server_step
+from split_core.payload import PayloadError
+from split_core.steps import NonFiniteStep, Phases, StepResult, score, server_step
 
 
 class ServerSegment:
@@ -73,17 +80,57 @@ class ServerSegment:
         batches = math.ceil(len(labels) / size)
         flags = [needs_grad] * batches if isinstance(needs_grad, bool) else list(needs_grad)
         total, grads = StepResult(0.0, 0), []
-        for i, start in enumerate(range(0, len(labels), size)):
-            x = self.compute.tensor(acts[start : start + size])
-            y = labels[start : start + size]
-            with self.meter.track():
-                result, grad = server_step(
-                    self.segment, self.optimizer, x, y, self.compute, phases, input_grad=flags[i]
+        before = self._snapshot()
+        try:
+            for i, start in enumerate(range(0, len(labels), size)):
+                x = self.compute.tensor(acts[start : start + size])
+                y = labels[start : start + size]
+                with self.meter.track():
+                    result, grad = server_step(
+                        self.segment,
+                        self.optimizer,
+                        x,
+                        y,
+                        self.compute,
+                        phases,
+                        input_grad=flags[i],
+                        max_grad_norm=self.cfg.server_grad_clip,
+                    )
+                total = StepResult(
+                    total.loss + result.loss * len(y), total.correct + result.correct
                 )
-            total = StepResult(total.loss + result.loss * len(y), total.correct + result.correct)
-            if grad is not None:
-                grads.append(grad)
+                if grad is not None:
+                    grads.append(grad)
+        except NonFiniteStep as exc:
+            self._restore(before)
+            raise PayloadError(f"batch {i + 1} of {batches} in this payload: {exc}") from exc
+        except BaseException:
+            self._restore(before)
+            raise
         return total, (torch.cat(grads) if grads else None)
+
+    def _snapshot(self) -> tuple[list[torch.Tensor], dict]:
+        """Weights, BatchNorm statistics and momentum as they are before a payload, so that a
+        payload the server cannot step on leaves no trace (the forward pass alone moves
+        BatchNorm's running statistics, and a DSL chunk steps many times)."""
+        tensors = [t.detach().clone() for t in self._state_tensors()]
+        momentum = {
+            p: {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+            for p, state in self.optimizer.state.items()
+        }
+        return tensors, momentum
+
+    def _restore(self, snapshot: tuple[list[torch.Tensor], dict]) -> None:
+        tensors, momentum = snapshot
+        with torch.no_grad():
+            for live, saved in zip(self._state_tensors(), tensors, strict=True):
+                live.copy_(saved)
+        self.optimizer.state.clear()
+        self.optimizer.state.update(momentum)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        return [*self.segment.parameters(), *self.segment.buffers()]
 
     @torch.no_grad()
     def evaluate_on(self, acts: torch.Tensor, labels: torch.Tensor, phases: Phases) -> StepResult:
