@@ -56,6 +56,7 @@ OPTIMIZER = "optim"  # momentum buffers by parameter index
 # Arrays inside ACTIVATIONS and GRADIENT are split_core.payload's (the wire codec); the labels'
 # key is named here because the server counts their bytes apart.
 LABELS = "labels"
+ACTS_ARRAY = "acts"  # the activations' own array in that record (int8 adds ".scale", ".zero")
 
 # Keys inside the info record of training and evaluation replies.
 RAY_NODE = "ray-node"  # the Ray node whose actor served the message (simulation only)
@@ -262,14 +263,33 @@ class SetupReply:
         try:
             values = {n: t(content[r][k]) for n, (r, k, t) in cls._FIELDS.items()}
             reply = cls(**values)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # int(inf): Overflow
             raise PayloadError(f"set-up reply is malformed: {type(exc).__name__}: {exc}") from exc
         if min(reply.partition_id, reply.train_examples, reply.test_examples) < 0:
             raise PayloadError(f"set-up reply has negative counts: {reply}")
+        for name in ("cpus", "gpus", "torch_threads", "state_bytes"):
+            value = getattr(reply, name)
+            if not math.isfinite(value) or value < 0:
+                raise PayloadError(f"set-up reply: {name} must be finite and >= 0, got {value}")
         return reply
 
 
 # ------------------------------------------------------------------------------ training
+def samples_per_message(chunk_mib: float, shape: tuple[int, ...], itemsize: int) -> int:
+    """Activation rows that fit in ``chunk-mib`` on the wire (at least one): how many test
+    images an evaluation reply carries at most; a training reply carries whole mini-batches
+    of them (``train_rows_per_message``). The server bounds replies by these numbers."""
+    return max(1, int(chunk_mib * 2**20) // (math.prod(shape) * itemsize))
+
+
+def train_rows_per_message(
+    chunk_mib: float, shape: tuple[int, ...], itemsize: int, batch_size: int
+) -> int:
+    """Rows of a training reply at most: as many mini-batches as fit in chunk-mib, at least one
+    (CSL and feedback end a chunk earlier, at the batch that waits for its gradient)."""
+    return batch_size * max(1, samples_per_message(chunk_mib, shape, itemsize) // batch_size)
+
+
 @dataclass(frozen=True)
 class TrainRequest(_Request):
     round: int

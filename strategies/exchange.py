@@ -107,9 +107,13 @@ class Exchange:
     """Runs one phase over a window of clients: push, poll, answer each reply in turn.
 
     A ``PayloadError`` from the phase drops that client for the rest of the exchange; by then
-    the reply has been validated, so the server model was not touched. So does an error reply
-    (Flower's error code is kept: the roster tells dead nodes by it), a refused push, and no
-    reply within ``timeout``; a timed-out message is forgotten (no longer polled).
+    the reply has been validated, so the server model was not touched. So does any other
+    exception raised while handling one client's reply (named with its type: one client's
+    data never ends the run), an error reply (Flower's error code is kept: the roster tells
+    dead nodes by it), a refused push, and no reply within ``timeout``; a timed-out message is
+    forgotten (no longer polled). With ``phase_timeout`` > 0 (``round-timeout``), every client
+    not finished that many seconds after the exchange began is dropped: in an ordered phase
+    that includes those whose turn comes after a client that stalls.
     """
 
     def __init__(
@@ -121,10 +125,12 @@ class Exchange:
         max_poll_interval: float = 0.02,
         should_stop: Callable[[], bool] | None = None,
         stop_check_seconds: float = 2.0,
+        phase_timeout: float = 0.0,
     ) -> None:
         self.grid, self.timeout, self.max_poll = grid, timeout, max_poll_interval
         self.window, self.max_queued = window, max_queued
         self.should_stop, self.stop_check_seconds = should_stop, stop_check_seconds
+        self.phase_timeout = phase_timeout  # 0: none
         self.in_flight: dict[str, tuple[int, float]] = {}  # message id -> node, time sent
 
     def run(self, phase: Phase) -> ExchangeReport:
@@ -154,6 +160,7 @@ class Exchange:
         self._deferred: dict[int, Message] = {}  # asked for once a queued reply is consumed
         self._busy, self._idle_polls = 0.0, 0
         self._last_stop_check = time.monotonic()
+        self._deadline = time.monotonic() + self.phase_timeout if self.phase_timeout else None
 
     # ---------------------------------------------------------------------- messages
     def _push(self, messages: list[Message]) -> None:
@@ -206,6 +213,11 @@ class Exchange:
             step()
         except PayloadError as exc:
             self._fail(node, f"bad payload: {exc}")
+        except RunStopped:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one client's reply never ends the run
+            log.exception("node %s: its reply could not be used", node)
+            self._fail(node, f"its reply could not be used: {type(exc).__name__}: {exc}")
         finally:
             self._busy += time.perf_counter() - t0
 
@@ -264,6 +276,11 @@ class Exchange:
             self.in_flight.pop(msg_id, None)
             if node in self.turns.active:
                 self._fail(node, f"no reply within {self.timeout:g} s (reply-timeout)")
+        if self._deadline is not None and now > self._deadline:
+            late = [n for n in self.turns.order if n in self.turns.waiting]
+            late += [n for n in self.turns.order if n in self.turns.active]
+            for node in late:  # the waiting first, so that none is started to be dropped
+                self._fail(node, f"not finished within {self.phase_timeout:g} s (round-timeout)")
 
     def _check_stop(self) -> None:
         now = time.monotonic()

@@ -6,6 +6,12 @@
 
 Each is one message per client through the same Exchange as training (a ``QueryPhase``), so a
 client that fails here is dropped with a reason, like anywhere else.
+
+A set-up reply is a claim the server holds the client to for the rest of the run, so it is
+bounded here: ``train-examples`` is > 0 and no more than the dataset (and ``samples-per-client``)
+holds, ``test-examples`` no more than the test set (and ``test-samples``), the partition-id
+below ``num-partitions``. Two nodes that claim the same partition-id: the first (in node-id
+order, the order replies are read) keeps it, the second is dropped with the reason.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ log = logging.getLogger("flwr").getChild("split")
 # First contact starts a client's process (a Ray actor, a ClientApp in deployment), imports
 # torch and may decode the dataset into its cache: reply-timeout alone would be too tight.
 SETUP_TIMEOUT = 300.0
+# Training and test images of each dataset: the most a client can hold.
+DATASET_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000)}
 
 
 def connect(
@@ -56,15 +64,12 @@ def connect(
     nodes = wait_for_nodes(grid, cfg.min_clients, settle_seconds, timeout)
     exchange = exchange_for(len(nodes))
     exchange.timeout = max(timeout, SETUP_TIMEOUT)
-    clients, report = setup_clients(exchange, nodes, cfg.to_run_config())
+    clients, report = setup_clients(exchange, nodes, cfg)
     if len(clients) < cfg.min_clients or not clients:
         lines = "\n".join(f"  node {n}: {why}" for n, why in report.failures.items())
         raise SetupError(f"{len(report.failures)} of {len(nodes)} clients failed set-up:\n{lines}")
     for node, why in report.failures.items():
         log.warning("node %s left out: it failed set-up (%s)", node, why)
-    ids = sorted(c.partition_id for c in clients)
-    if len(set(ids)) != len(ids):
-        raise SetupError(f"two SuperNodes claim the same partition-id: {ids}")
     roster = Roster(clients)
     if optimizers is not None:
         restored = restore_optimizers(exchange_for(len(clients)), clients, optimizers)
@@ -82,9 +87,8 @@ def take_part(
     taking_part, left_out = roster.for_round(set(grid.get_node_ids()))
     rejoining = [c.node_id for c in taking_part if c.node_id in roster.needs_setup]
     if rejoining:
-        clients, report = setup_clients(
-            exchange_for(len(rejoining)), rejoining, cfg.to_run_config()
-        )
+        taken = {c.partition_id: c.node_id for c in roster.clients if c.node_id not in rejoining}
+        clients, report = setup_clients(exchange_for(len(rejoining)), rejoining, cfg, taken)
         for client in clients:
             roster.replace(client)
         roster.note_failures(report.failures, report.codes)
@@ -103,13 +107,22 @@ def take_part(
 
 
 def setup_clients(
-    exchange: Exchange, nodes: list[int], run_config: dict[str, Any]
+    exchange: Exchange, nodes: list[int], cfg: RunConfig, taken: dict[int, int] | None = None
 ) -> tuple[list[ClientInfo], ExchangeReport]:
-    request = SetupRequest(run_config)
+    """Set up ``nodes``; ``taken``: partition-ids already held, by node."""
+    request = SetupRequest(cfg.to_run_config())
     clients: list[ClientInfo] = []
+    taken = dict(taken or {})
 
     def read(node: int, reply: Message) -> None:
-        clients.append(client_info(node, reply))
+        info = client_info(node, reply, cfg)
+        if info.partition_id in taken:
+            raise PayloadError(
+                f"partition-id {info.partition_id} is already taken by node "
+                f"{taken[info.partition_id]}"
+            )
+        taken[info.partition_id] = node
+        clients.append(info)
 
     report = exchange.run(QueryPhase([request.message(n) for n in nodes], read))
     return clients, report
@@ -153,8 +166,10 @@ def momentum_shapes(modules: Mapping[str, Any]) -> list[tuple[int, ...]]:
     return [tuple(p.shape) for m in modules.values() if m is not None for p in m.parameters()]
 
 
-def client_info(node: int, reply: Message) -> ClientInfo:
+def client_info(node: int, reply: Message, cfg: RunConfig) -> ClientInfo:
+    """A set-up reply, held to what this run's data allows."""
     s = SetupReply.decode(reply.content)
+    check_setup(s, cfg)
     return ClientInfo(
         node,
         s.partition_id,
@@ -167,6 +182,28 @@ def client_info(node: int, reply: Message) -> ClientInfo:
         s.torch_threads,
         s.state_bytes,
     )
+
+
+def check_setup(reply: SetupReply, cfg: RunConfig) -> None:
+    """The counts a client declares at set-up, against what the run's data can hold."""
+    train_size, test_size = DATASET_SIZES[cfg.dataset]
+    most_train = min(train_size, cfg.samples_per_client or train_size)
+    most_test = min(test_size, cfg.test_samples or test_size)
+    if not 0 < reply.train_examples <= most_train:
+        raise PayloadError(
+            f"train-examples is {reply.train_examples}: a client holds 1 to {most_train} "
+            f"training examples in this run"
+        )
+    if reply.test_examples > most_test:
+        raise PayloadError(
+            f"test-examples is {reply.test_examples}: a client holds at most {most_test} "
+            f"test examples in this run"
+        )
+    if not reply.partition_id < reply.num_partitions:
+        raise PayloadError(
+            f"partition-id {reply.partition_id} is not below num-partitions "
+            f"{reply.num_partitions}"
+        )
 
 
 def _check_momentum(record: ArrayRecord, shapes: list[tuple[int, ...]]) -> dict[str, np.ndarray]:

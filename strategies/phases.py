@@ -1,8 +1,9 @@
 """The phases of a round, each what ``Exchange`` needs to drive one kind of message.
 
   TrainPhase     train.forward / train.backward until every client has sent its last chunk;
-                 the server segment steps on each chunk in turn order, FedAvg adds each
-                 client's weights as its last reply is consumed
+                 the server segment steps on each chunk in turn order, the aggregator adds
+                 each client's weights as its last reply is consumed, weighted by the rows
+                 the server counted for it
   EvaluatePhase  evaluate until every client has sent its test activations; scored on arrival
   QueryPhase     one request and one reply per client (set-up, checkpoint, restore)
 
@@ -23,7 +24,7 @@ from split_core.config import RunConfig
 from split_core.methods import SplitMethod
 from split_core.payload import PayloadError, encode_gradient, record_bytes
 from split_core.protocol import EvaluateRequest, TrainRequest
-from strategies.aggregation import FedAvg
+from strategies.aggregation import make_aggregator
 from strategies.ledger import Ledger
 from strategies.progress import Progress
 from strategies.replies import Expected, Reply, eval_status, parse_eval, parse_train, train_status
@@ -49,10 +50,11 @@ class TrainPhase:
         self.cfg, self.method, self.server, self.expected = cfg, method, server, expected
         self.rnd, self.arrays, self.clients = rnd, arrays, list(clients)
         self.lr = cfg.lr_at(rnd)
-        self.ledger, self.fedavg = Ledger(), FedAvg(arrays)
+        self.ledger, self.aggregator = Ledger(), make_aggregator(cfg, arrays)
         batches = sum(math.ceil(c.train_examples / cfg.batch_size) for c in self.clients)
         self.progress = Progress(f"round {rnd}", batches, cfg.progress_seconds)
         self._seen: dict[int, int] = {}  # batches of each client consumed so far this round
+        self._rows: dict[int, int] = {}  # examples of each client the server counted so far
         self._partition = {c.node_id: c.partition_id for c in self.clients}
 
     def first_messages(self) -> list[Message]:
@@ -71,12 +73,24 @@ class TrainPhase:
         return TrainRequest(self.rnd, self.lr).message(node)
 
     def consume(self, node: int, reply: Message) -> tuple[Message | None, bool]:
-        parsed = parse_train(reply, self.expected[node])  # raises before anything is touched
+        """Everything that can reject the reply runs before the server steps on it, and the
+        step undoes itself if it is not finite: a rejected reply leaves no trace."""
+        expected, received = self.expected[node], self._rows.get(node, 0)
+        parsed = parse_train(reply, expected, received)
+        counted = received + parsed.examples
+        if parsed.acts is None and not parsed.done:
+            raise PayloadError("reply carries neither activations nor the final weights")
+        if parsed.done:
+            if counted != expected.train_examples:
+                raise PayloadError(
+                    f"says it is done after sending {counted} of the "
+                    f"{expected.train_examples} training examples it declared at set-up"
+                )
+            self.aggregator.check(parsed.weights)
         follow_up = None
         if parsed.acts is not None:
             first = self._seen.get(node, 0)
             flags = self._gradient_flags(first, parsed)
-            self.ledger.add_reply(parsed)
             result, grad = self.server.train_on(
                 parsed.acts, parsed.labels, self.ledger.phases, flags
             )
@@ -85,12 +99,10 @@ class TrainPhase:
             self.progress.add(len(flags), parsed.examples)
             if grad is not None:  # the one message pure DSL never sends
                 follow_up = self._gradient_message(node, grad)
-        elif not parsed.done:
-            raise PayloadError("reply carries neither activations nor the final weights")
-        else:
-            self.ledger.add_reply(parsed)
-        if parsed.done:
-            self.fedavg.add(parsed.weights, parsed.metrics.epoch_examples)
+        self._rows[node] = counted
+        self.ledger.add_reply(parsed)
+        if parsed.done:  # weighted by what the server counted, never by a claim
+            self.aggregator.add(parsed.weights, counted)
         return follow_up, parsed.done
 
     def _gradient_message(self, node: int, grad) -> Message:
@@ -131,6 +143,7 @@ class EvaluatePhase:
         self.server, self.rnd, self.arrays = server, rnd, arrays
         self.clients, self.expected = list(clients), expected
         self.ledger = Ledger(evaluation=True)
+        self._rows: dict[int, int] = {}  # test examples of each client scored so far
 
     def first_messages(self) -> list[Message]:
         request = EvaluateRequest(self.rnd, weights=self.arrays)
@@ -142,7 +155,16 @@ class EvaluatePhase:
         return None if eval_status(reply).done else EvaluateRequest(self.rnd).message(node)
 
     def consume(self, node: int, reply: Message) -> tuple[None, bool]:
-        parsed = parse_eval(reply, self.expected[node])
+        expected, received = self.expected[node], self._rows.get(node, 0)
+        parsed = parse_eval(reply, expected, received)
+        counted = received + parsed.examples
+        if parsed.done and expected.test_examples is not None:
+            if counted != expected.test_examples:
+                raise PayloadError(
+                    f"says it is done after sending {counted} of the "
+                    f"{expected.test_examples} test examples it declared at set-up"
+                )
+        self._rows[node] = counted
         self.ledger.add_reply(parsed)
         if parsed.acts is not None:
             result = self.server.evaluate_on(parsed.acts, parsed.labels, self.ledger.phases)

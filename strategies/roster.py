@@ -2,8 +2,11 @@
 
 A client that fails in a round (raises, times out, sends anything invalid) is left out of that
 round only. A node that Flower reports dead (error 3 or 4: its message expired; 5: node
-unavailable) is not invited again until ``grid.get_node_ids()`` has dropped it and shows it
-back, which is what a restarted SuperNode with the same authentication key looks like. Any
+unavailable; 8: its ClientApp process crashed or hung, which is also what our warm executor
+answers for a ClientApp that ran past reply-timeout) is not invited again until
+``grid.get_node_ids()`` has dropped it and shows it back, which is what a restarted SuperNode
+with the same authentication key looks like (a node whose ClientApp crashed usually stays
+listed: it sits out the rest of the run unless its SuperNode reconnects). Any
 client that failed is set up again before it next trains: a restarted SuperNode has lost its
 ``context.state``, and set-up keeps the state of one that has not.
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEAD_CODES = frozenset({3, 4, 5})
+DEAD_CODES = frozenset({3, 4, 5, 8})
 
 
 @dataclass(frozen=True)

@@ -181,13 +181,14 @@ class SplitLearningStrategy(Strategy):
         """One epoch over every client's data; returns the FedAvg'd client weights."""
         self.server.set_lr(self.cfg.lr_at(rnd))
         phase = self._train_phase(rnd, arrays)
-        report = self._exchange(grid).run(phase)
-        return phase.fedavg.result(), Outcome(phase.ledger, report, phase.fedavg.clients)
+        report = self._exchange(grid, phase_timeout=self.cfg.round_timeout).run(phase)
+        return phase.aggregator.result(), Outcome(phase.ledger, report, phase.aggregator.clients)
 
     def evaluate_round(self, grid: Grid, rnd: int, arrays: ArrayRecord) -> Outcome:
         """Test activations are scored as they arrive; nothing waits for the others."""
         phase = self._evaluate_phase(rnd, arrays)
-        return Outcome(phase.ledger, self._exchange(grid).run(phase))
+        exchange = self._exchange(grid, phase_timeout=self.cfg.round_timeout)
+        return Outcome(phase.ledger, exchange.run(phase))
 
     def end_round(
         self,
@@ -250,10 +251,10 @@ class SplitLearningStrategy(Strategy):
             history=list(self.history),
         )
 
-    def _exchange(self, grid: Grid, window: int | None = None) -> Exchange:
+    def _exchange(self, grid: Grid, window: int | None = None, phase_timeout=0.0) -> Exchange:
         c, window = self.cfg, window or self.cfg.max_active_clients
         args = (c.max_queued_chunks, c.poll_seconds, self.should_stop)
-        return Exchange(grid, self.timeout, window, *args)
+        return Exchange(grid, self.timeout, window, *args, phase_timeout=phase_timeout)
 
 
 def _refuse(name: str, config: ConfigRecord | None) -> None:
