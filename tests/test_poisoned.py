@@ -44,6 +44,7 @@ from split_core.protocol import (
     TrainMetrics,
     TrainReply,
 )
+from split_core.steps import Phases
 from strategies import replies
 from strategies.exchange import Exchange
 from strategies.lifecycle import check_setup, setup_clients
@@ -263,11 +264,13 @@ def assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
         assert torch.equal(x, y)
 
 
-def payload(n: int, poison: float | None = None, seed: int = 0):
+def payload(server: ServerSegment, n: int, poison: float | None = None, seed: int = 0):
+    """Activations and labels as a decoded reply holds them (on the server's device), and the
+    phase timers a step books into."""
     acts = torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
     if poison is not None:
         acts[-1].fill_(poison)
-    return acts, torch.arange(n) % 10
+    return acts.to(server.device), (torch.arange(n) % 10).to(server.device), Phases()
 
 
 def test_a_non_finite_server_step_undoes_the_whole_payload():
@@ -278,32 +281,22 @@ def test_a_non_finite_server_step_undoes_the_whole_payload():
     poisoned, fresh = ServerSegment(cfg), ServerSegment(cfg)
     before = segment_state(poisoned)
     with pytest.raises(PayloadError, match=r"^batch 2 of 2 in this payload: the server step is "):
-        poisoned.train_on(*payload(64, 3e38), phases_(), [False, False])
+        poisoned.train_on(*payload(poisoned, 64, 3e38), [False, False])
     assert_same(segment_state(poisoned), before)
     for server in (poisoned, fresh):
-        server.train_on(*payload(64, seed=1), phases_(), [False, True])
+        server.train_on(*payload(server, 64, seed=1), [False, True])
     assert_same(segment_state(poisoned), segment_state(fresh))
     assert all(torch.isfinite(t).all() for t in segment_state(poisoned))
 
 
-def phases_():
-    from split_core.steps import Phases
-
-    return Phases()
-
-
 def test_server_grad_clip_scales_the_gradient_to_its_norm():
     """SGD without momentum or decay: the update is lr x g x min(1, clip / |g|)."""
-    cfg = tiny(momentum=0.0, **{"weight-decay": 0.0, "lr": 0.5})
-    plain, clipped = (
-        ServerSegment(cfg),
-        ServerSegment(
-            tiny(momentum=0.0, **{"weight-decay": 0.0, "lr": 0.5, "server-grad-clip": 0.01})
-        ),
-    )
+    sgd = {"momentum": 0.0, "weight-decay": 0.0, "lr": 0.5}
+    plain = ServerSegment(tiny(**sgd))
+    clipped = ServerSegment(tiny(**sgd, **{"server-grad-clip": 0.01}))
     start = [p.detach().clone() for p in plain.segment.parameters()]
-    plain.train_on(*payload(32), phases_(), False)
-    clipped.train_on(*payload(32), phases_(), False)
+    plain.train_on(*payload(plain, 32), False)
+    clipped.train_on(*payload(clipped, 32), False)
     steps = [
         (w0 - p.detach()) / 0.5 for w0, p in zip(start, plain.segment.parameters(), strict=True)
     ]
@@ -321,7 +314,7 @@ def train_phase(cfg: RunConfig, counts: dict[int, int]):
         for i, (n, k) in enumerate(counts.items())
     ]
     server = ServerSegment(cfg)
-    exp = expectations(infos, cfg, torch.device("cpu"), weights)
+    exp = expectations(infos, cfg, server.device, weights)
     phase = TrainPhase(cfg, make_method(cfg), server, 1, weights, infos, exp)
     return phase, weights, server
 
