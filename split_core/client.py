@@ -49,6 +49,8 @@ from split_core.protocol import (
     TrainMetrics,
     TrainReply,
     TrainRequest,
+    samples_per_message,
+    train_rows_per_message,
 )
 from split_core.steps import Phases, score
 
@@ -194,13 +196,18 @@ class SplitClient:
         return self.test_images.batch(np.arange(start, stop))
 
     def _samples_per_message(self) -> int:
+        """The protocol's bound, which the server holds replies to."""
         itemsize = WIRE_ITEMSIZE[self.cfg.payload_dtype]
-        return max(1, int(self.cfg.chunk_mib * 2**20) // (math.prod(self.shape) * itemsize))
+        return samples_per_message(self.cfg.chunk_mib, self.shape, itemsize)
 
     def batches_per_message(self) -> int:
         """As many batches as fit in chunk-mib; a chunk also ends at a batch that needs the
         server's gradient (every batch in CSL), since the client must wait for it."""
-        return max(1, self._samples_per_message() // self.cfg.batch_size)
+        itemsize = WIRE_ITEMSIZE[self.cfg.payload_dtype]
+        rows = train_rows_per_message(
+            self.cfg.chunk_mib, self.shape, itemsize, self.cfg.batch_size
+        )
+        return rows // self.cfg.batch_size
 
     def chunk_budget(self, cursor: int) -> int:
         """Batches the message that starts at ``cursor`` may carry.

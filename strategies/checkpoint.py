@@ -43,6 +43,7 @@ MAY_CHANGE_ON_RESUME = frozenset(
     {
         "num-rounds",
         "reply-timeout",
+        "round-timeout",
         "poll-seconds",
         "client-threads",
         "server-threads",
