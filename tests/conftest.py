@@ -18,6 +18,7 @@ import pytest
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.supercore.task_identity import TaskIdentity
 
 from deploy.local_superlink import LocalSuperLink
 from flower_app import client_app as real
@@ -64,6 +65,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def task_identity():
+    """Flower 1.42 builds a Message only inside a task: give this process one (run 1, node 0),
+    for tests that build messages without a Flower run; the previous identity comes back after."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def real_data_dir() -> str:

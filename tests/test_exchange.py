@@ -1,21 +1,16 @@
 """The server's event loop and its bookkeeping, without a Flower run.
 
-``Exchange`` is driven here through an in-memory Grid of our own (push_messages,
-pull_messages, get_node_ids): each node is a function from a request to its reply, released
-after a delay, or never. Messages are real Flower ``Message`` objects; Flower 1.42 builds one
-only inside a task, so a fixture gives this process a task identity.
+``Exchange`` is driven here through our in-memory Grid (tests/memory_grid.py): each node is
+a function from a request to its reply, released after a delay, or never. Messages are real
+Flower ``Message`` objects; Flower 1.42 builds one only inside a task, so the ``task_identity``
+fixture gives this process one.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import Callable
-
 import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from split_core.payload import PayloadError, encode_activations, encode_modules
 from split_core.protocol import (
@@ -30,58 +25,17 @@ from strategies.ledger import Ledger, Tally
 from strategies.phases import QueryPhase
 from strategies.replies import Expected, Reply, parse_eval, parse_train
 from strategies.roster import ClientInfo, Roster
+from tests.memory_grid import MemoryGrid, Respond
 
 A, B, C = 11, 22, 33
-Respond = Callable[[Message], Message | None]  # None: the node never answers
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+def fake_grid(nodes: dict[int, Respond], delay: dict[int, float] | None = None) -> MemoryGrid:
+    """Nodes answer at once or after ``delay`` seconds; pushes are logged by their chunk."""
+    return MemoryGrid(nodes, delay, label=_chunk)
 
 
-class FakeGrid:
-    """Nodes answer at once or after ``delay`` seconds; every push and pull is logged."""
-
-    def __init__(self, nodes: dict[int, Respond], delay: dict[int, float] | None = None):
-        self.nodes, self.delay = nodes, delay or {}
-        self.events: list[tuple] = []
-        self.pulls: list[list[str]] = []
-        self.refuse: set[int] = set()
-        self.ids: dict[tuple[int, int], str] = {}  # (node, chunk) -> message id
-        self._inbox: dict[str, tuple[Message, float]] = {}
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages: list[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            if node in self.refuse:
-                continue  # as Flower's in-memory grid: a refused message has no id
-            msg.metadata.__dict__["_message_id"] = msg_id = str(uuid.uuid4())
-            self.events.append(("push", node, _chunk(msg)))
-            self.ids[node, _chunk(msg)] = msg_id
-            self._inbox[msg_id] = (msg, time.monotonic() + self.delay.get(node, 0.0))
-            ids.append(msg_id)
-        return ids
-
-    def pull_messages(self, message_ids: list[str]) -> list[Message]:
-        self.pulls.append(list(message_ids))
-        replies = []
-        for msg_id in message_ids:
-            msg, ready_at = self._inbox.get(msg_id, (None, 0.0))
-            if msg is None or time.monotonic() < ready_at:
-                continue
-            reply = self.nodes[msg.metadata.dst_node_id](msg)
-            if reply is not None:
-                del self._inbox[msg_id]
-                replies.append(reply)
-        return replies
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages are built outside a run
 
 
 def _request(node: int, chunk: int) -> Message:
@@ -111,7 +65,7 @@ class Chunks:
     """A phase like DSL training: each client sends ``n`` chunks and is asked for the next as
     soon as one lands; consumes are logged into the grid's events."""
 
-    def __init__(self, grid: FakeGrid, nodes: list[int], n: int, ordered: bool = True):
+    def __init__(self, grid: MemoryGrid, nodes: list[int], n: int, ordered: bool = True):
         self.grid, self.nodes, self.n, self.ordered = grid, nodes, n, ordered
         self.bad: dict[int, int] = {}  # node -> the chunk whose consume raises PayloadError
 
@@ -130,17 +84,17 @@ class Chunks:
         return None, k + 1 == self.n
 
 
-def _exchange(grid: FakeGrid, window: int = 8, max_queued: int = 8, timeout: float = 5.0):
+def _exchange(grid: MemoryGrid, window: int = 8, max_queued: int = 8, timeout: float = 5.0):
     return Exchange(grid, timeout, window, max_queued, max_poll_interval=0.002)
 
 
-def _consumed(grid: FakeGrid) -> list[tuple[int, int]]:
+def _consumed(grid: MemoryGrid) -> list[tuple[int, int]]:
     return [(node, k) for kind, node, k in grid.events if kind == "consume"]
 
 
 # ---------------------------------------------------------------------------- Exchange
 def test_pipelining_asks_for_the_next_chunk_before_the_last_is_consumed():
-    grid = FakeGrid({A: echo, B: echo})
+    grid = fake_grid({A: echo, B: echo})
     report = _exchange(grid).run(Chunks(grid, [A, B], n=3))
     assert report.failures == {} and report.messages == 6
     assert _consumed(grid) == [(A, 0), (B, 0), (A, 1), (B, 1), (A, 2), (B, 2)]  # turn order
@@ -155,7 +109,7 @@ def test_pipelining_asks_for_the_next_chunk_before_the_last_is_consumed():
 def test_back_pressure_stops_asking_a_client_whose_replies_wait(bound):
     """A is slow and its turn comes first: B's replies queue up to ``max_queued``, and B is
     asked for its next chunk only once one of them is consumed."""
-    grid = FakeGrid({A: echo, B: echo}, delay={A: 0.1})
+    grid = fake_grid({A: echo, B: echo}, delay={A: 0.1})
     report = _exchange(grid, max_queued=bound).run(Chunks(grid, [A, B], n=3))
     assert report.failures == {}
     assert report.peak_queued == bound
@@ -165,7 +119,7 @@ def test_back_pressure_stops_asking_a_client_whose_replies_wait(bound):
 
 
 def test_a_timed_out_message_leaves_in_flight_and_drops_its_client():
-    grid = FakeGrid({A: echo, B: silent}, delay={A: 0.02})
+    grid = fake_grid({A: echo, B: silent}, delay={A: 0.02})
     exchange = _exchange(grid, timeout=0.2)
     report = exchange.run(Chunks(grid, [A, B], n=20))  # A works on long after B's timeout
     assert report.failures == {B: "no reply within 0.2 s (reply-timeout)"}
@@ -178,7 +132,7 @@ def test_a_timed_out_message_leaves_in_flight_and_drops_its_client():
 
 
 def test_a_dead_node_is_dropped_with_its_error_code():
-    grid = FakeGrid({A: echo, B: dead})
+    grid = fake_grid({A: echo, B: dead})
     report = _exchange(grid).run(Chunks(grid, [A, B], n=2))
     assert report.failures == {B: "error 5: node unavailable"}
     assert report.codes == {B: 5}
@@ -186,7 +140,7 @@ def test_a_dead_node_is_dropped_with_its_error_code():
 
 
 def test_a_bad_payload_drops_only_that_client():
-    grid = FakeGrid({A: echo, B: echo})
+    grid = fake_grid({A: echo, B: echo})
     phase = Chunks(grid, [A, B], n=3)
     phase.bad[B] = 1
     report = _exchange(grid).run(phase)
@@ -196,7 +150,7 @@ def test_a_bad_payload_drops_only_that_client():
 
 
 def test_a_refused_message_drops_its_client():
-    grid = FakeGrid({A: echo, B: echo})
+    grid = fake_grid({A: echo, B: echo})
     grid.refuse.add(B)
     report = _exchange(grid).run(Chunks(grid, [A, B], n=2))
     assert report.failures == {B: "the SuperLink refused the message"}
@@ -204,14 +158,14 @@ def test_a_refused_message_drops_its_client():
 
 
 def test_a_phase_without_clients_sends_nothing():
-    grid = FakeGrid({A: echo})
+    grid = fake_grid({A: echo})
     report = _exchange(grid).run(QueryPhase([]))
     assert (report.messages, report.failures, report.peak_active) == (0, {}, 0)
     assert grid.events == [] and grid.pulls == []
 
 
 def test_the_window_bounds_the_clients_in_flight():
-    grid = FakeGrid({A: echo, B: echo, C: echo})
+    grid = fake_grid({A: echo, B: echo, C: echo})
     report = _exchange(grid, window=2).run(Chunks(grid, [A, B, C], n=2))
     assert report.peak_active == 2
     assert grid.events.index(("push", C, 0)) > grid.events.index(("consume", A, 1))
@@ -219,14 +173,14 @@ def test_the_window_bounds_the_clients_in_flight():
 
 
 def test_unordered_phases_consume_on_arrival():
-    grid = FakeGrid({A: echo, B: echo}, delay={A: 0.1})
+    grid = fake_grid({A: echo, B: echo}, delay={A: 0.1})
     report = _exchange(grid).run(Chunks(grid, [A, B], n=2, ordered=False))
     assert report.failures == {} and report.peak_queued == 0
     assert _consumed(grid)[:2] == [(B, 0), (B, 1)]  # B did not wait for A's turn
 
 
 def test_query_phase_reads_each_reply_once():
-    grid, read = FakeGrid({A: echo, B: echo}), []
+    grid, read = fake_grid({A: echo, B: echo}), []
     phase = QueryPhase(
         [_request(A, 7), _request(B, 8)], lambda n, r: read.append((n, _chunk_of(r)))
     )

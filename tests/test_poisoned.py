@@ -25,7 +25,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.task_identity import TaskIdentity
 
 from flower_app import client_app as real
 from flower_app.results import read_rounds
@@ -53,17 +52,10 @@ from strategies.replies import Expected, expectations, parse_eval, parse_train
 from strategies.roster import ClientInfo, Roster
 from strategies.server_segment import ServerSegment
 from tests.conftest import TINY, client_app_with, data_dir
+from tests.memory_grid import MemoryGrid, app_grid
 
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages are built outside a run
 A, B, C = 11, 22, 33
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Flower 1.42 builds a Message only inside a task: give this process one."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def tiny(**extra) -> RunConfig:
@@ -411,45 +403,10 @@ def test_set_up_claims_are_bounded_by_the_run(content, reason):
     assert refused(lambda: check_setup(SetupReply.decode(content), cfg)).startswith(reason)
 
 
-class LocalGrid:
-    """Nodes answer in this process when polled: a function from request to reply, or None
-    (never answers); an exception becomes an error reply, as Flower makes it."""
-
-    def __init__(self, nodes: dict[int, Callable[[Message], Message | None]]) -> None:
-        self.nodes, self._inbox = nodes, {}
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-    def push_messages(self, messages: list[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg_id = str(uuid.uuid4())
-            self._inbox[msg_id] = msg
-            ids.append(msg_id)
-        return ids
-
-    def pull_messages(self, message_ids: list[str]) -> list[Message]:
-        out = []
-        for msg_id in message_ids:
-            msg = self._inbox.get(msg_id)
-            if msg is None:
-                continue
-            try:
-                answer = self.nodes[msg.metadata.dst_node_id](msg)
-            except Exception as exc:  # noqa: BLE001
-                answer = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-            if answer is not None:
-                del self._inbox[msg_id]
-                out.append(answer)
-        return out
-
-
 def test_a_duplicate_partition_id_keeps_the_first_node_and_drops_the_second():
     claims = {A: 0, B: 1, C: 0}
-    grid = LocalGrid(
-        {n: (lambda m, p=p: Message(setup_content(p), reply_to=m)) for n, p in claims.items()}
-    )
+    nodes = {n: (lambda m, p=p: Message(setup_content(p), reply_to=m)) for n, p in claims.items()}
+    grid = MemoryGrid(nodes, errors_as_replies=True)
     cfg = RunConfig.from_run_config(TINY | {"data-dir": "unused"})
     clients, report = setup_clients(Exchange(grid, 5.0, 8, 2, 0.002), [A, B, C], cfg)
     assert [(c.node_id, c.partition_id) for c in clients] == [(A, 0), (B, 1)]
@@ -460,7 +417,8 @@ def test_a_duplicate_partition_id_keeps_the_first_node_and_drops_the_second():
 
 
 def test_any_exception_while_reading_a_reply_drops_only_that_client():
-    grid = LocalGrid({n: (lambda m: Message(RecordDict(), reply_to=m)) for n in (A, B)})
+    nodes = {n: (lambda m: Message(RecordDict(), reply_to=m)) for n in (A, B)}
+    grid = MemoryGrid(nodes, errors_as_replies=True)
     seen = []
 
     def read(node: int, message: Message) -> None:
@@ -479,7 +437,8 @@ def test_any_exception_while_reading_a_reply_drops_only_that_client():
 def test_round_timeout_drops_every_client_not_finished():
     answer = {A: lambda m: Message(RecordDict(), reply_to=m), B: lambda m: None, C: lambda m: None}
     messages = [Message(RecordDict(), dst_node_id=n, message_type="query.x") for n in answer]
-    exchange = Exchange(LocalGrid(answer), 60.0, 2, 2, 0.002, phase_timeout=0.3)
+    grid = MemoryGrid(answer, errors_as_replies=True)
+    exchange = Exchange(grid, 60.0, 2, 2, 0.002, phase_timeout=0.3)
     t0 = time.monotonic()
     report = exchange.run(QueryPhase(messages))  # window 2: C waits behind the silent B
     assert 0.3 < time.monotonic() - t0 < 5
@@ -657,25 +616,6 @@ def poisoned_app(table: dict, method: str, mode: str) -> ClientApp:
     return client_app_with(setup=setup, forward=train, backward=train)
 
 
-class AppNodes(LocalGrid):
-    """K nodes running ``app`` in this process, each with its own Context, as SuperNodes would
-    (partition-id i of K); a run id of its own, so no other run's warm clients are reused."""
-
-    def __init__(self, app: ClientApp, k: int) -> None:
-        run_id = uuid.uuid4().int % 2**62
-        self.contexts = {
-            101 + i: Context(
-                run_id=run_id,
-                node_id=101 + i,
-                node_config={protocol.PARTITION_ID: i, protocol.NUM_PARTITIONS: k},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i in range(k)
-        }
-        super().__init__({n: (lambda m, c=c: app(m, c)) for n, c in self.contexts.items()})
-
-
 def table_config(table: dict, method: str, out: Path, name: str, **extra) -> dict:
     k = 2 + len(table)
     return (
@@ -696,7 +636,9 @@ def table_config(table: dict, method: str, out: Path, name: str, **extra) -> dic
 
 def in_process(config: dict, app: ClientApp, k: int) -> Path:
     """The same run through ``flower_app.server_app.run`` and the ClientApp in this process."""
-    run_in_process(AppNodes(app, k), RunConfig.from_run_config(config))
+    run_id = uuid.uuid4().int % 2**62  # its own, so no other run's warm clients are reused
+    grid = app_grid(app, k, run_id=run_id, errors_as_replies=True)
+    run_in_process(grid, RunConfig.from_run_config(config))
     return Path(config["output-dir"]) / config["run-name"]
 
 

@@ -1,72 +1,26 @@
 """The strategy's contract with Flower's ``Strategy``, and a whole run through an in-memory grid.
 
-``AppGrid`` is our own Grid: it hands each message to the real ClientApp in this process, one
-``Context`` per node, as a SuperNode would, with no Flower engine in between. Real Flower runs
-are in test_flower_runs.py; this one is fast enough for the quick tier.
+``app_grid`` (tests/memory_grid.py) is our own Grid: it hands each message to the real
+ClientApp in this process, one ``Context`` per node, as a SuperNode would, with no Flower engine
+in between. Real Flower runs are in test_flower_runs.py; this one is fast enough for the quick
+tier.
 """
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ConfigRecord, MetricRecord
 
 from experiments import reference
 from flower_app import client_app
-from split_core import protocol
 from split_core.config import RunConfig
 from strategies.split_strategy import SplitLearningStrategy
 from tests.conftest import TINY, data_dir
+from tests.memory_grid import app_grid
 
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages are built outside a run
 SMALL = TINY | {"samples-per-client": 64, "test-samples": 32, "probe-samples": 0}
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-class AppGrid:
-    """Nodes 101, 102, ... run ``app`` in this process; a reply is ready when it is pulled."""
-
-    def __init__(self, app: ClientApp, clients: int) -> None:
-        self.app, self._inbox = app, {}
-        self.contexts = {
-            101 + i: Context(
-                run_id=1,
-                node_id=101 + i,
-                node_config={protocol.PARTITION_ID: i, protocol.NUM_PARTITIONS: clients},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i in range(clients)
-        }
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: list[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg_id = str(uuid.uuid4())
-            self._inbox[msg_id] = msg
-            ids.append(msg_id)
-        return ids
-
-    def pull_messages(self, message_ids: list[str]) -> list[Message]:
-        out = []
-        for msg_id in message_ids:
-            msg = self._inbox.pop(msg_id, None)
-            if msg is not None:
-                out.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
-        return out
 
 
 def _cfg(**extra) -> RunConfig:
@@ -80,7 +34,7 @@ def test_a_run_through_the_real_client_app_equals_the_reference(method):
     """Same turn order, same steps, same wire: the server segment ends bit for bit equal to
     the in-process reference's; and ``evaluate_fn`` is called before round 1 and after each."""
     cfg = _cfg(**method)
-    grid, strategy, calls = AppGrid(client_app.app, 2), SplitLearningStrategy(cfg), []
+    grid, strategy, calls = app_grid(client_app.app, 2), SplitLearningStrategy(cfg), []
 
     def evaluate_fn(rnd: int, arrays) -> MetricRecord:
         calls.append(rnd)
