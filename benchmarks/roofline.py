@@ -22,6 +22,7 @@ import argparse
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -63,6 +64,16 @@ def matmul_flops_per_second(
         took = now() - t0
         best, spent = min(best, took), spent + took
     return 2 * n**3 / best
+
+
+def native_bf16() -> str:
+    """The CPU's bfloat16 instructions: without them bfloat16 math is emulated (and slower)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return "unknown"
+    flags = set(cpuinfo.read_text().split())
+    found = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return ", ".join(found) or "none (no avx512_bf16, no amx_bf16)"
 
 
 def step_rate(
@@ -117,7 +128,7 @@ def main() -> None:
         f"\nResNet-{cfg.depth} cut {cfg.cut}, batch {cfg.batch_size}, {torch.get_num_threads()} "
         f"threads, torch {torch.__version__}, {args.clock} clock\n"
         f"matmul 2048^2: float32 {f32 / 1e9:.1f} GFLOP/s, "
-        f"bfloat16 {bf16 / 1e9:.1f} GFLOP/s\n"
+        f"bfloat16 {bf16 / 1e9:.1f} GFLOP/s; CPU bfloat16 instructions: {native_bf16()}\n"
     )
     head = f"{'method':6} {'setting':18} {'GFLOP/img':>9} {'img/s':>7} {'GFLOP/s':>8}"
     print(f"{head} {'/fp32 mm':>9} {'/bf16 mm':>9} {'warm-up':>8}")
