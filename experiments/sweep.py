@@ -276,6 +276,10 @@ def run_job(session: SweepSession, job: Job) -> dict[str, Any]:
         return status | _result("failed", rounds, reason, t0)
     except Exception as exc:  # noqa: BLE001 - reported, and the sweep continues
         return status | _result("failed", [], f"{type(exc).__name__}: {exc}", t0)
+    except (KeyboardInterrupt, SystemExit):  # the sweep was stopped: list the job, then stop
+        reason = "the sweep was stopped; the same command resumes it"
+        Sweep.statuses.append(status | _result("interrupted", complete_rounds(run_dir), reason, t0))
+        raise
 
 
 def _result(state: str, rounds: list[dict[str, Any]], reason: str, t0: float) -> dict[str, Any]:
@@ -334,9 +338,9 @@ def status_table(statuses: list[dict[str, Any]], total: int) -> str:
         "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
         for r in rows
     ]
-    counts = {
-        k: sum(s["status"] == k for s in statuses) for k in ("done", "resumed", "fresh", "failed")
-    }
+    kinds = ["done", "resumed", "fresh", "failed"]
+    kinds += ["interrupted"] if any(s["status"] == "interrupted" for s in statuses) else []
+    counts = {k: sum(s["status"] == k for s in statuses) for k in kinds}
     summary = ", ".join(f"{v} {k}" for k, v in counts.items())
     return "\n".join([*(line.rstrip() for line in lines), f"{len(statuses)} jobs: {summary}"])
 

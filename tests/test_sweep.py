@@ -93,6 +93,18 @@ def test_status_table_lists_every_job_and_counts_them():
     ]
 
 
+def test_an_interrupted_job_is_listed_and_counted():
+    statuses = [
+        {"job": 1, "label": "csl cut3", "status": "interrupted", "rounds": 3, "num_rounds": 40,
+         "test_accuracy": 0.61, "reason": "the sweep was stopped; the same command resumes it"},
+    ]  # fmt: skip
+    assert status_table(statuses, 14).splitlines()[1:] == [
+        "1/14 csl cut3  interrupted  3/40    61.0 %    the sweep was stopped; the same command "
+        "resumes it",
+        "1 jobs: 0 done, 0 resumed, 0 fresh, 0 failed, 1 interrupted",
+    ]
+
+
 def test_kill_tagged_kills_only_processes_with_its_token():
     tagged = subprocess.Popen(
         ["sleep", "60"], env=os.environ | {TOKEN_VAR: "test-token-a"}, start_new_session=True
@@ -160,7 +172,7 @@ def test_every_job_of_the_grid_preset_is_a_valid_run_config():
         assert (rc.num_rounds, rc.batch_size, rc.lr, rc.lr_schedule) == (40, 128, 0.1, "cosine")
         assert (rc.momentum, rc.weight_decay, rc.lr_warmup_rounds) == (0.9, 5e-4, 0)
         assert (rc.compute_dtype, rc.channels_last, job.cfg.cpus_per_client) == (
-            "bfloat16", True, 2,
+            "float32", True, 2,
         )  # fmt: skip
         assert rc.live_clients >= job.cfg.num_clients
         extra = rc.aux_head if rc.aux_head != "fc" else f"fb{rc.feedback_every}"
