@@ -1,108 +1,38 @@
-"""Turn results directories into the paper's evidence: Figs. 4-7 as PNGs and a markdown table.
+"""Turn results directories into the paper's evidence: Figs. 4-7 as PNGs and markdown tables.
 
 Fig. 8, beyond the paper: the distance correlation between inputs and cut activations.
 
-    python -m experiments.report multirun/2026-11-25_17-30-00 [--out docs/cpu_compare]
+    python -m experiments.report multirun/grid [--out docs/grid] [--exact <subset.npz>]
 
-Any directory works: every ``rounds.jsonl`` below it (with its ``config.json``) is one run. Runs
-that differ only in the method are paired, CSL against DSL, for each dataset, depth, cut and
-number of clients K.
+Any directory works: every ``rounds.jsonl`` below it (with its ``config.json``) is one run (see
+experiments/runs.py). table.md pairs the plain CSL and DSL runs (lowest seed) of each dataset,
+depth, cut and number of clients K; grid.md has every arm over its seeds, a verdict per setting
+and the variants' share of DSL's gap closed (experiments/grid_table.py). Fig. 4 draws the
+variants too, dashed.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
-from flower_app.results import read_rounds
+from experiments.exact_pixels import ExactTest, default_exact
+from experiments.grid_table import grid_table
+from experiments.runs import Run, Setting, arms, load_runs, pair
 
 METHOD_COLORS = {"csl": "tab:blue", "dsl": "tab:orange"}
+VARIANT_STYLES: list[dict[str, Any]] = [
+    {"ls": "--", "marker": "s", "ms": 3},
+    {"ls": "-.", "marker": "^", "ms": 3},
+    {"ls": "--", "marker": "x", "ms": 4},
+]
 MB = 1e6
-
-
-@dataclass(frozen=True)
-class Setting:
-    dataset: str
-    depth: int
-    cut: int
-    clients: int
-
-    def label(self) -> str:
-        return f"ResNet-{self.depth} cut {self.cut}, K={self.clients}"
-
-
-@dataclass
-class Run:
-    path: Path
-    method: str
-    setting: Setting
-    rounds: list[dict[str, Any]]
-
-    def mean(self, key: str) -> float:
-        """Per-epoch average over rounds (every round is one epoch)."""
-        values = [r[key] for r in self.rounds if r.get(key) is not None]
-        return sum(values) / len(values) if values else float("nan")
-
-    def peak(self, key: str) -> float:
-        return max((r[key] for r in self.rounds if r.get(key) is not None), default=float("nan"))
-
-    @property
-    def final_accuracy(self) -> float | None:
-        return self.rounds[-1]["test_accuracy"] if self.rounds else None
-
-    def forward_bytes_per_client(self) -> float:
-        return (self.mean("bytes_activations") + self.mean("bytes_labels")) / self.setting.clients
-
-    def backward_bytes_per_client(self) -> float:
-        return self.mean("bytes_gradients") / self.setting.clients
-
-    def time_split(self) -> dict[str, float]:
-        """Epoch wall time split in forward compute, backward compute and the rest.
-
-        Client and server compute may overlap (DSL pipelines them), so the parts can sum to
-        more than the wall time; "communication + idle" is what the wall time leaves over.
-        """
-        fwd = self.mean("client_forward_seconds") + self.mean("server_forward_seconds")
-        bwd = self.mean("client_backward_seconds") + self.mean("server_backward_seconds")
-        wall = self.mean("train_seconds")
-        return {
-            "forward": fwd,
-            "backward": bwd,
-            "comm+idle": max(0.0, wall - fwd - bwd),
-            "wall": wall,
-        }
-
-
-def load_runs(root: str | Path) -> list[Run]:
-    runs = []
-    for rounds_path in sorted(Path(root).rglob("rounds.jsonl")):
-        if any(part.startswith("run.partial-") for part in rounds_path.parts):
-            continue  # a sweep moved this interrupted run aside and ran the job again
-        config_path = rounds_path.parent / "config.json"
-        rounds = read_rounds(rounds_path.parent)
-        if not config_path.exists() or not rounds:
-            continue
-        config = json.loads(config_path.read_text())
-        rc = config["run_config"]
-        setting = Setting(rc["dataset"], rc["depth"], rc["cut"], len(config["clients"]))
-        runs.append(Run(rounds_path.parent, rc["method"], setting, rounds))
-    return runs
-
-
-def pair(runs: list[Run]) -> dict[Setting, dict[str, Run]]:
-    table: dict[Setting, dict[str, Run]] = defaultdict(dict)
-    for run in runs:
-        table[run.setting][run.method] = run
-    return dict(
-        sorted(table.items(), key=lambda kv: (kv[0].dataset, kv[0].depth, kv[0].cut, kv[0].clients))
-    )
 
 
 def fig_accuracy(runs: list[Run]) -> Figure:
@@ -136,6 +66,16 @@ def _per_round(
                     color=color,
                     label=f"{method.upper()} aux head",
                 )
+        variants = [a for a in arms(runs) if a.setting == setting and a.variant]
+        for arm, style in zip(variants, itertools.cycle(VARIANT_STYLES)):
+            rounds = [r for r in arm.runs[0].rounds if r.get(key) is not None]
+            ax.plot(
+                [r["round"] for r in rounds],
+                [scale * r[key] for r in rounds],
+                color=METHOD_COLORS.get(arm.method),
+                label=arm.label,
+                **style,
+            )
         ax.set_title(f"{setting.dataset}: {setting.label()}", fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
@@ -321,8 +261,11 @@ FIGURES = {
 }
 
 
-def make_report(root: str | Path, out: str | Path | None = None) -> dict[str, Path]:
-    """Write the figures and table.md; returns their paths."""
+def make_report(
+    root: str | Path, out: str | Path | None = None, exact: str | Path | None = None
+) -> dict[str, Path]:
+    """Write the figures, table.md (CSL/DSL ratios per setting) and grid.md (every arm over
+    seeds, verdicts, gap-closing rows; exact-pixel accuracy when ``exact`` names the subset)."""
     runs = load_runs(root)
     if not runs:
         raise FileNotFoundError(f"no results (rounds.jsonl + config.json) found under {root}")
@@ -342,6 +285,9 @@ def make_report(root: str | Path, out: str | Path | None = None) -> dict[str, Pa
         )
     (out_dir / "table.md").write_text(table + "\n")
     written["table.md"] = out_dir / "table.md"
+    test = ExactTest.load(exact) if exact else None
+    (out_dir / "grid.md").write_text(grid_table(runs, test) + "\n")
+    written["grid.md"] = out_dir / "grid.md"
     return written
 
 
@@ -351,13 +297,22 @@ def main() -> None:
     )
     parser.add_argument("root", help="a sweep directory, or any directory holding runs")
     parser.add_argument(
-        "--out", help="where to write the figures and table (default: <root>/report)"
+        "--out", help="where to write the figures and tables (default: <root>/report)"
+    )
+    parser.add_argument(
+        "--exact",
+        type=Path,
+        default=default_exact(),
+        help="the exact-pixel CIFAR-10 subset (subset.npz) for grid.md's exact-pixel column "
+        "(default: found beside SPLIT_LEARNING_DATA_DIR; none: the column stays empty)",
     )
     args = parser.parse_args()
-    for name, path in make_report(args.root, args.out).items():
+    written = make_report(args.root, args.out, args.exact)
+    for name, path in written.items():
         print(f"{name}: {path}")
-    print()
-    print((Path(args.out or Path(args.root) / "report") / "table.md").read_text())
+    for name in ("table.md", "grid.md"):
+        print()
+        print(written[name].read_text())
 
 
 if __name__ == "__main__":

@@ -356,3 +356,6 @@ def test_sweep_runs_every_job_reports_failures_and_feeds_the_report(tmp_path):
     assert 0.50 <= float(cells["bytes DSL/CSL"]) <= 0.52
     assert cells["bwd MB/epoch CSL"] == cells["fwd MB/epoch"]  # gradients as big as activations
     assert "Failed jobs:" in table and "SetupError" in table
+    grid = written["grid.md"].read_text()  # the failed jobs' data-dir is not another experiment
+    assert "| ResNet-8 cut 1, K=2 | CSL | 1/1 |" in grid
+    assert "| ResNet-8 cut 1, K=2 | DSL | 1/1 |" in grid

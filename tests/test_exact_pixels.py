@@ -1,11 +1,11 @@
-"""benchmarks/jpeg_effect.py finds each exact image's JPEG copy, and refuses an ambiguous match."""
+"""experiments/exact_pixels.py finds each exact image's JPEG copy, and refuses a double match."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from benchmarks.jpeg_effect import matched_jpeg_copies
+from experiments.exact_pixels import matched_jpeg_copies
 from tests.conftest import write_cifar10_pickles
 
 
