@@ -108,7 +108,10 @@ def test_unreliable_clients_are_left_out_and_the_run_goes_on(tmp_path):
     reasons = {pid_of.get(n, "setup"): why for n, why in first["failures"].items()}
     assert reasons["setup"] == why_setup
     assert "out of memory, allegedly" in reasons[2]  # the first failure of the round
-    assert first["train_examples"] == 2 * 96 + 32  # partition 2's first batch was used
+    # Partition 2's first batch counts if the server stepped on it before the failure of its
+    # second message arrived, and not if it still waited in the queue (then it was dropped with
+    # the client): which one depends on timing, and both are a whole number of batches.
+    assert first["train_examples"] in (2 * 96, 2 * 96 + 32)
 
     # Round 2: partition 2 is back; partition 3 hangs and the reply-timeout drops it.
     assert second["num_clients"] == 2
