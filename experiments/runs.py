@@ -47,6 +47,14 @@ class Run:
         values = [r[key] for r in self.rounds if r.get(key) is not None]
         return sum(values) / len(values) if values else float("nan")
 
+    def median(self, key: str) -> float:
+        """Median over rounds: an epoch time robust to a few rounds that shared the cores."""
+        values = sorted(r[key] for r in self.rounds if r.get(key) is not None)
+        if not values:
+            return float("nan")
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
     def peak(self, key: str) -> float:
         return max((r[key] for r in self.rounds if r.get(key) is not None), default=float("nan"))
 

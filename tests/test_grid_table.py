@@ -162,3 +162,15 @@ def test_exact_pixel_column_scores_the_saved_model(tmp_path):
     table = grid_table(load_runs(tmp_path), ExactTest(images, images, labels))
     assert "| ResNet-8 cut 1, K=1 | CSL | 1/1 | 50.0 | - | 37.5 |" in table
     assert "8 test images with their original pixels" in table
+
+
+def test_epoch_time_is_the_median_over_rounds(tmp_path):
+    """A round that shared the cores (here 500 s) does not move the epoch time."""
+    run_dir = write_run(tmp_path, "c", [0.5, 0.6, 0.7], method="csl", seed=0)
+    lines = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    for record, seconds in zip(lines, (10.0, 500.0, 12.0), strict=True):
+        record["train_seconds"] = seconds
+    (run_dir / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (run,) = load_runs(tmp_path)
+    assert run.median("train_seconds") == 12.0
+    assert grid_table([run]).splitlines()[2].endswith("| 12 |")
