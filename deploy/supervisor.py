@@ -27,10 +27,6 @@ QUICK_DEATH_SECONDS = 10.0
 FIRST_PAUSE, LONGEST_PAUSE = 0.5, 30.0
 
 
-class Stopped(Exception):
-    """SIGTERM/SIGINT to the supervisor, or its parent process is gone."""
-
-
 def next_pause(previous: float, lived_seconds: float, status: int) -> float:
     """Seconds to wait before the next start, after a child that lived this long exited so."""
     if status == RESTART_NOW:
@@ -57,44 +53,49 @@ def _parent_alive(pid: int | None) -> bool:
 
 
 def supervise(command: list[str], name: str, parent_pid: int | None = None) -> int:
-    def on_signal(signum: int, _frame: object) -> None:
-        raise Stopped(signal.Signals(signum).name)
+    # The signal handler only records the signal: raised from the handler, it could land inside
+    # subprocess.Popen after the fork, before `child` is bound, and leave the child running.
+    signals: list[str] = []
+    signal.signal(signal.SIGTERM, lambda signum, _: signals.append(signal.Signals(signum).name))
+    signal.signal(signal.SIGINT, lambda signum, _: signals.append(signal.Signals(signum).name))
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    def why_stop() -> str | None:
+        if signals:
+            return signals[0]
+        return None if _parent_alive(parent_pid) else f"parent PID {parent_pid} is gone"
+
     pause, starts = 0.0, 0
     child: subprocess.Popen | None = None
-    try:
-        while _parent_alive(parent_pid):
-            starts += 1
-            started = time.monotonic()
-            child = subprocess.Popen(command, stdin=subprocess.DEVNULL)
-            print(f"supervisor: started {name} (PID {child.pid}, start {starts})", flush=True)
-            while (status := child.poll()) is None:
-                if not _parent_alive(parent_pid):
-                    raise Stopped(f"parent PID {parent_pid} is gone")
-                time.sleep(0.2)
-            if status == 0:
-                print(f"supervisor: {name} (PID {child.pid}) stopped; exiting", flush=True)
-                return 0
-            pause = next_pause(pause, time.monotonic() - started, status)
-            print(
-                f"supervisor: {name} (PID {child.pid}) exited with {describe(status)}; "
-                f"restarting in {pause:.1f} s",
-                flush=True,
-            )
-            time.sleep(pause)
-        return 0
-    except Stopped as why:
-        print(f"supervisor: {why}; stopping {name}", flush=True)
-        if child is not None and child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        return 0
+    while (why := why_stop()) is None:
+        starts += 1
+        started = time.monotonic()
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        print(f"supervisor: started {name} (PID {child.pid}, start {starts})", flush=True)
+        while (status := child.poll()) is None and (why := why_stop()) is None:
+            time.sleep(0.2)
+        if why is not None:
+            break
+        if status == 0:
+            print(f"supervisor: {name} (PID {child.pid}) stopped; exiting", flush=True)
+            return 0
+        pause = next_pause(pause, time.monotonic() - started, status)
+        print(
+            f"supervisor: {name} (PID {child.pid}) exited with {describe(status)}; "
+            f"restarting in {pause:.1f} s",
+            flush=True,
+        )
+        resume_at = time.monotonic() + pause
+        while time.monotonic() < resume_at and why_stop() is None:
+            time.sleep(min(0.2, pause))
+    print(f"supervisor: {why}; stopping {name}", flush=True)
+    if child is not None and child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
