@@ -291,6 +291,20 @@ def make_report(
     return written
 
 
+README_BEGIN, README_END = "<!-- grid:begin (docs/grid/grid.md) -->", "<!-- grid:end -->"
+
+
+def put_in_readme(readme: str | Path, grid_md: str) -> None:
+    """Replace what stands between the README's grid markers with ``grid_md``."""
+    path = Path(readme)
+    text = path.read_text()
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
+        raise ValueError(f"{path} needs one {README_BEGIN!r} and one {README_END!r} line")
+    head, rest = text.split(README_BEGIN)
+    _, tail = rest.split(README_END)
+    path.write_text(f"{head}{README_BEGIN}\n{grid_md.strip()}\n{README_END}{tail}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -306,8 +320,13 @@ def main() -> None:
         help="the exact-pixel CIFAR-10 subset (subset.npz) for grid.md's exact-pixel column "
         "(default: found beside SPLIT_LEARNING_DATA_DIR; none: the column stays empty)",
     )
+    parser.add_argument(
+        "--readme", type=Path, help="also put grid.md between this file's grid markers"
+    )
     args = parser.parse_args()
     written = make_report(args.root, args.out, args.exact)
+    if args.readme:
+        put_in_readme(args.readme, written["grid.md"].read_text())
     for name, path in written.items():
         print(f"{name}: {path}")
     for name in ("table.md", "grid.md"):

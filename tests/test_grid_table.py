@@ -12,6 +12,7 @@ import torch
 
 from experiments.exact_pixels import ExactTest
 from experiments.grid_table import Spread, grid_table, paired_gap, verdicts
+from experiments.report import README_BEGIN, README_END, put_in_readme
 from experiments.runs import arms, load_runs, pair
 from models.resnet import split_resnet
 from split_core.data import normalize, to_float
@@ -174,3 +175,13 @@ def test_epoch_time_is_the_median_over_rounds(tmp_path):
     (run,) = load_runs(tmp_path)
     assert run.median("train_seconds") == 12.0
     assert grid_table([run]).splitlines()[2].endswith("| 12 |")
+
+
+def test_the_readme_gets_the_table_between_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{README_BEGIN}\nold table\n{README_END}\n\nafter\n")
+    put_in_readme(readme, "| new | table |\n")
+    assert readme.read_text() == f"# x\n\n{README_BEGIN}\n| new | table |\n{README_END}\n\nafter\n"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="needs one"):
+        put_in_readme(readme, "| t |")
