@@ -23,7 +23,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from experiments.exact_pixels import ExactTest, default_exact
-from experiments.grid_table import grid_table
+from experiments.grid_table import MB, grid_table
 from experiments.runs import Run, Setting, arms, load_runs, pair
 
 METHOD_COLORS = {"csl": "tab:blue", "dsl": "tab:orange"}
@@ -32,7 +32,6 @@ VARIANT_STYLES: list[dict[str, Any]] = [
     {"ls": "-.", "marker": "^", "ms": 3},
     {"ls": "--", "marker": "x", "ms": 4},
 ]
-MB = 1e6
 
 
 def fig_accuracy(runs: list[Run]) -> Figure:
@@ -48,7 +47,7 @@ def fig_probe(runs: list[Run]) -> Figure:
 def _per_round(
     runs: list[Run], key: str, ylabel: str, scale: float, aux: str | None = None
 ) -> Figure:
-    pairs = pair(runs)
+    pairs, all_arms = pair(runs), arms(runs)
     fig = Figure(figsize=(4.2 * len(pairs), 3.4), layout="tight")
     axes = fig.subplots(1, len(pairs), squeeze=False)
     for ax, (setting, by_method) in zip(axes[0], pairs.items(), strict=True):
@@ -66,7 +65,7 @@ def _per_round(
                     color=color,
                     label=f"{method.upper()} aux head",
                 )
-        variants = [a for a in arms(runs) if a.setting == setting and a.variant]
+        variants = [a for a in all_arms if a.setting == setting and a.variant]
         for arm, style in zip(variants, itertools.cycle(VARIANT_STYLES)):
             rounds = [r for r in arm.runs[0].rounds if r.get(key) is not None]
             ax.plot(

@@ -10,6 +10,7 @@ named by its method and the keys in which it departs from the setting's usual va
 from __future__ import annotations
 
 import json
+import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,11 +50,8 @@ class Run:
 
     def median(self, key: str) -> float:
         """Median over rounds: an epoch time robust to a few rounds that shared the cores."""
-        values = sorted(r[key] for r in self.rounds if r.get(key) is not None)
-        if not values:
-            return float("nan")
-        mid = len(values) // 2
-        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+        values = [r[key] for r in self.rounds if r.get(key) is not None]
+        return statistics.median(values) if values else float("nan")
 
     def peak(self, key: str) -> float:
         return max((r[key] for r in self.rounds if r.get(key) is not None), default=float("nan"))
