@@ -467,7 +467,7 @@ SHIFT = 5.0  # robust table: what the "shifted weights" culprit adds to every fl
 # honest clients room to finish on the one free actor while four test workers share two cores
 # (20 s did not: an honest reply timed out and its own refusal was never seen).
 ROUND_TIMEOUT = 60.0
-STALL = ROUND_TIMEOUT + 10.0  # ... for this long, on its last message of round 1
+STALL = ROUND_TIMEOUT + 10.0  # how long it stalls, on its last message of round 1
 
 
 def _message_number(msg: Message, context: Context) -> int:
