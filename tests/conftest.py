@@ -56,35 +56,6 @@ def real_cifar10_from_env() -> Path | None:
 REAL_CIFAR10 = real_cifar10_from_env()
 
 
-# The longest test files, longest first (per-file sums of a CI run's `--durations`). CI runs
-# `pytest -n 4 --dist loadfile --no-loadscope-reorder`: workers take whole files in collection
-# order, so these go first and the many short files fill in behind them. Left to xdist's default
-# (most tests first), these few-test files started last and one of them set the wall time.
-LONGEST_FIRST = (
-    "test_resume.py",
-    "test_sweep.py",
-    "test_poisoned.py",
-    "test_deployment.py",
-    "test_deploy_script.py",
-    "test_scale.py",
-    "test_flower_runs.py",
-    "test_install.py",
-    "test_feedback.py",
-    "test_hostile.py",
-    "test_gpu_check.py",
-    "test_faults.py",
-    "test_ray_cluster.py",
-    "test_notebook.py",
-    "test_deploy_security.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Move the longest files to the front, keeping every file's own test order."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """One torch thread in the test process. The apps in TINY runs are pinned to one thread too,
