@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from flower_app.results import ResultsWriter, check_new_run_dir, named_run_dir, summary_table
 from flower_app.resume import given_keys, prepare_resume
-from flower_app.run_control import stop_requested
+from flower_app.run_control import StopCheck
 from models import cut_shape
 from split_core.config import RunConfig
 from strategies.exchange import RunStopped
@@ -47,7 +47,7 @@ def run(
         cfg = resume.cfg
     elif (named := named_run_dir(cfg)) is not None:
         check_new_run_dir(named)  # before set-up: a mistake costs nothing
-    strategy = strategy_class(cfg, should_stop=stop_requested)
+    strategy = strategy_class(cfg, should_stop=StopCheck())
     if resume is not None:
         strategy.restore(resume.checkpoint)
         log.info(
