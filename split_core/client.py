@@ -204,9 +204,7 @@ class SplitClient:
         """As many batches as fit in chunk-mib; a chunk also ends at a batch that needs the
         server's gradient (every batch in CSL), since the client must wait for it."""
         itemsize = WIRE_ITEMSIZE[self.cfg.payload_dtype]
-        rows = train_rows_per_message(
-            self.cfg.chunk_mib, self.shape, itemsize, self.cfg.batch_size
-        )
+        rows = train_rows_per_message(self.cfg.chunk_mib, self.shape, itemsize, self.cfg.batch_size)
         return rows // self.cfg.batch_size
 
     def chunk_budget(self, cursor: int) -> int:

@@ -201,8 +201,7 @@ def check_setup(reply: SetupReply, cfg: RunConfig) -> None:
         )
     if not reply.partition_id < reply.num_partitions:
         raise PayloadError(
-            f"partition-id {reply.partition_id} is not below num-partitions "
-            f"{reply.num_partitions}"
+            f"partition-id {reply.partition_id} is not below num-partitions {reply.num_partitions}"
         )
 
 
