@@ -45,21 +45,27 @@ def simulate(
     strategy: type[SplitLearningStrategy] = SplitLearningStrategy,
     cpus_per_client: float = 2.0,
     gpus_per_client: float = 0.0,
+    ray_cpus: int | None = None,
 ) -> Path:
     """Run one simulation to the end and return its results directory.
 
     ``cpus_per_client`` and ``gpus_per_client`` are Ray's resources per ClientApp actor, as
     ``--federation-config "client-resources-num-cpus=.. client-resources-num-gpus=.."`` gives
-    them to `flwr run`: the number of actors is what the machine holds of them.
+    them to `flwr run`: the number of actors is what the machine holds of them, or what
+    ``ray_cpus`` CPUs hold (Ray's ``num_cpus``: the same number of actors on any machine).
     """
     cfg = RunConfig.from_run_config(overrides)  # fail here, before Ray starts
     name = cfg.run_name or default_run_name(cfg, num_clients)
-    resources = {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client}
+    backend: dict[str, Any] = {
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client}
+    }
+    if ray_cpus is not None:
+        backend["init_args"] = {"num_cpus": ray_cpus}
     run_simulation(
         server_app=server_app_for(dict(overrides or {}) | {"run-name": name}, strategy),
         client_app=client_app or split_client_app.app,
         num_supernodes=num_clients,
-        backend_config={"client_resources": resources},
+        backend_config=backend,
     )
     logging.getLogger("flwr").setLevel(logging.INFO)
     return (Path(cfg.output_dir).expanduser() / name).resolve()

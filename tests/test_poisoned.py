@@ -465,9 +465,23 @@ LAST = {"dsl": 3, "csl": 4}
 SHIFT = 5.0  # robust table: what the "shifted weights" culprit adds to every float weight
 # Table A: the never-done culprit stalls past the round timeout. The timeout must leave the
 # honest clients room to finish on the one free actor while four test workers share two cores
-# (20 s did not: an honest reply timed out and its own refusal was never seen).
-ROUND_TIMEOUT = 60.0
-STALL = ROUND_TIMEOUT + 10.0  # how long it stalls, on its last message of round 1
+# (20 s did not: an honest reply timed out and its own refusal was never seen; 60 s did not
+# once, in CSL's round 2, which takes about 2 s on a quiet 2-core CPU).
+ROUND_TIMEOUT = 90.0
+STALL = ROUND_TIMEOUT + 10.0  # the longest it stalls, on its last message of round 1
+
+
+def _stall_until_round_one_is_recorded(run_dir: Path) -> None:
+    """Hold this actor past the round timeout, and no longer than round 1 lasts.
+
+    A stall of a fixed STALL seconds outlived round 1 by up to 10 s plus however late round 1
+    had reached it, all of it taken from round 2's actors (CI once saw every client of round 2
+    time out; with as few actors as Ray found CPUs, that is one actor fewer for all of them).
+    """
+    end = time.monotonic() + STALL
+    rounds = run_dir / "rounds.jsonl"  # created empty with the run; round 1 is its first line
+    while time.monotonic() < end and not (rounds.exists() and rounds.stat().st_size > 0):
+        time.sleep(0.2)
 
 
 def _message_number(msg: Message, context: Context) -> int:
@@ -564,13 +578,14 @@ ROBUST_TABLE = {
 }
 
 
-def poisoned_app(table: dict, method: str, mode: str) -> ClientApp:
+def poisoned_app(table: dict, method: str, mode: str, run_dir: Path | None = None) -> ClientApp:
     """The real ClientApp, with the culprits of ``table`` (by partition-id).
 
     ``poison``: each culprit poisons its reply as its row says. ``fail``: a culprit whose row
     expects a refusal does the same work and answers with an error reply instead (so its own
     state is the same either way); the never-done culprit raises at once instead of stalling.
     ``honest``: as ``fail``, but the culprits the server keeps (no reason) behave.
+    ``run_dir``: the poisoned run's directory, where the never-done culprit sees round 1 end.
     """
 
     def row(context: Context) -> tuple | None:
@@ -606,7 +621,7 @@ def poisoned_app(table: dict, method: str, mode: str) -> ClientApp:
             if int(msg.content["config"]["round"]) != 1:
                 return real.train(msg, context)
             if mode == "poison":
-                time.sleep(STALL)
+                _stall_until_round_one_is_recorded(run_dir)
             raise RuntimeError("never done")  # Flower keeps the node's state as it was
         reply = real.train(msg, context)
         if reason is None:  # kept by the aggregator: poisoned unless the run is the honest one
@@ -676,8 +691,9 @@ def run_table(table: dict, method: str, out: Path, modes: tuple[str, ...], **ext
     dirs["poison"] = simulate(
         config,
         num_clients=k,
-        client_app=poisoned_app(table, method, "poison"),
-        cpus_per_client=1.0,  # two actors on two cores: one may stall, the other serves
+        client_app=poisoned_app(table, method, "poison", Path(out) / config["run-name"]),
+        cpus_per_client=1.0,  # two actors on any machine: one may stall, the other serves
+        ray_cpus=2,
     )
     print(f"{method}: the poisoned Flower run took {time.monotonic() - t0:.0f} s")
     for mode in modes:
@@ -702,9 +718,10 @@ def test_every_poisoned_reply_is_refused_and_its_culprit_named(table_runs, metho
     assert sum(TABLE[4][3] in why for why in setup) == 1, setup
     twins = [why for why in [*setup, *rounds[0].values()] if why.startswith(TABLE[7][3])]
     assert len(twins) == 1, (setup, rounds[0])  # partition 0's node, or its twin
+    seconds = [round(r["round_seconds"]) for r in read_rounds(run_dir)]
     for rnd, failures in enumerate(rounds, 1):
         for pid in (2, 3, 5, 6):
-            assert TABLE[pid][3] in failures[pid], (rnd, pid, failures.get(pid))
+            assert TABLE[pid][3] in failures[pid], (rnd, pid, failures.get(pid), seconds)
         assert (failures.get(8) == TABLE[8][3]) == (rnd == 1), (rnd, failures.get(8))
         assert 1 not in failures  # the honest client
     for r in read_rounds(run_dir):
