@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -107,25 +108,47 @@ clientapp = "{module}:client"
     return directory
 
 
-def free_port() -> int:
+def listen_port_range() -> range:
+    """Ports for servers we start: below the kernel's ephemeral range.
+
+    Outgoing connections (gRPC, Ray, httpx) take ports from the ephemeral range at any moment,
+    so a port found free there can be taken by another process before our server binds it (CI
+    once saw a SuperNode's HTTP API fail to start). Below that range only a server that binds
+    the same port by choice can collide, and a random choice makes that unlikely.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    return range(max(1024, low - 16384), low)
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    return free_port_block(1)
 
 
 def free_port_block(n: int) -> int:
     """A port p with p .. p+n-1 all free on 127.0.0.1 (a SuperNode base port for n nodes)."""
-    for _ in range(100):
-        base = free_port()
-        if base + n > 65535:
-            continue
-        try:
-            for port in range(base, base + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
+    ports = listen_port_range()
+    choose = random.SystemRandom()  # not the seeded `random`: parallel tests share its seed
+    for _ in range(200):
+        if len(ports) > n:
+            base = choose.randrange(ports.start, ports.stop - n)
+        else:  # an unusual kernel setting: let the kernel choose
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                base = s.getsockname()[1]
+        if base + n <= 65536 and all(_bindable(p) for p in range(base, base + n)):
             return base
-        except OSError:
-            continue
     raise RuntimeError(f"no block of {n} free ports on 127.0.0.1")
 
 
