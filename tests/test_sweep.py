@@ -105,6 +105,13 @@ def test_an_interrupted_job_is_listed_and_counted():
     ]
 
 
+def _wait_until_tagged(token: str, pid: int) -> None:
+    """Popen returns once the child's exec has closed its close-on-exec pipe, which the kernel
+    does before it lays out the new environment: /proc/<pid>/environ can read empty for a
+    moment after (CI once found no tagged process right after Popen under four test workers)."""
+    _wait_for(lambda: pid in tagged_pids(token), 10, f"process {pid} to show {TOKEN_VAR}")
+
+
 def test_kill_tagged_kills_only_processes_with_its_token():
     tagged = subprocess.Popen(
         ["sleep", "60"], env=os.environ | {TOKEN_VAR: "test-token-a"}, start_new_session=True
@@ -113,6 +120,7 @@ def test_kill_tagged_kills_only_processes_with_its_token():
         ["sleep", "60"], env=os.environ | {TOKEN_VAR: "test-token-b"}, start_new_session=True
     )
     try:
+        _wait_until_tagged("test-token-a", tagged.pid)
         assert tagged_pids("test-token-a") == [tagged.pid]
         assert kill_tagged("test-token-a") == [tagged.pid]
         assert tagged.wait(timeout=10) == -signal.SIGKILL
@@ -145,6 +153,7 @@ def test_the_reaper_kills_a_sigkilled_parents_tagged_processes():
     )
     try:
         child = int(parent.stdout.readline())
+        _wait_until_tagged(token, child)
         assert tagged_pids(token) == [child]
         parent.kill()
         parent.wait()
@@ -284,6 +293,7 @@ def test_a_killed_sweep_resumes_skips_what_is_done_and_stops_a_job_at_its_timeou
         assert "[job 2/3 csl progress-seconds=29] round 3/3: test" in out2
         assert "timed out after 45 s (job_timeout_s)" in statuses[3]["reason"]
         assert "flwr stop" in statuses[3]["reason"], statuses[3]["reason"]
+        assert "[job 3/3 dsl num-rounds=40 job_timeout_s=45] failed: " in out2, out2[-3000:]
         table = out2[out2.index(f"sweep {sweep_dir}") :]
         assert "3 jobs: 1 done, 1 resumed, 0 fresh, 1 failed" in table
         assert (sweep_dir / "status.md").read_text().count("\n") == 7
@@ -297,6 +307,12 @@ def test_a_killed_sweep_resumes_skips_what_is_done_and_stops_a_job_at_its_timeou
             for key, value in expected[part].items():
                 assert torch.equal(model[part][key], value), f"{part}.{key}"
         assert not tagged_pids(tokens[1])  # the sweep stopped everything it started
+        # the report lists the failed job and why, beside the finished ones
+        table = make_report(sweep_dir, tmp_path / "report")["table.md"].read_text()
+        failed = table[table.index("Failed jobs:") :]
+        assert "dsl" in failed and "timed out after 45 s (job_timeout_s)" in failed, failed
+        grid = (tmp_path / "report" / "grid.md").read_text()  # the failed job adds no row
+        assert "| CSL |" in grid and "| DSL |" not in grid, grid
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -311,37 +327,28 @@ def _rounds(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_sweep_runs_every_job_reports_failures_and_feeds_the_report(tmp_path):
+def test_a_multirun_sweep_runs_every_job_and_feeds_the_report(tmp_path):
+    """Hydra's `-m` path: the jobs are the product of the comma lists. A failing job is the
+    killed-sweep test's (its timeout); a failing set-up is test_flower_runs'. Both are left out
+    here because every job costs a whole Flower run."""
     sweep_dir = tmp_path / "sweep"
-    missing = tmp_path / "no-data"
-    missing.mkdir()
     cmd = _sweep(
         "-m",
         "model=resnet8",
         "method=dsl,csl",
-        f"run_config.data-dir={data_dir()},{missing}",
+        f"run_config.data-dir={data_dir()}",
         *[o for o in TINY_OVERRIDES if not o.startswith("run_config.depth")],
         f"hydra.sweep.dir={sweep_dir}",
     )
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    for n in (1, 2, 3, 4):
-        assert f"[job {n}/4 " in out
+    for n in (1, 2):
+        assert f"[job {n}/2 " in out
     jobs = [json.loads(line) for line in (sweep_dir / "jobs.jsonl").read_text().splitlines()]
-    assert len(jobs) == 4
-    ok = [j for j in jobs if j["status"] == "fresh"]
-    failed = [j for j in jobs if j["status"] == "failed"]
-    assert sorted(j["method"] for j in ok) == ["csl", "dsl"]
-    assert len(failed) == 2 and all(str(missing) in " ".join(j["overrides"]) for j in failed)
-    for job in failed:
-        assert job["reason"].startswith("SetupError: 2 of 2 clients failed set-up")
-        assert f"{job['label']}] failed: SetupError" in out
-    # a job's directory is named by what the sweep varies: method and data-dir, not the rest
-    assert {Path(j["run_dir"]).parent.name.split(",")[0] for j in jobs} == {
-        "method=dsl",
-        "method=csl",
-    }
+    assert [(j["method"], j["status"]) for j in jobs] == [("dsl", "fresh"), ("csl", "fresh")]
+    # a job's directory is named by what the sweep varies (the method), not the rest
+    assert [Path(j["run_dir"]).parent.name for j in jobs] == ["method=dsl", "method=csl"]
 
     runs = load_runs(sweep_dir)
     assert sorted(r.method for r in runs) == ["csl", "dsl"]
@@ -355,7 +362,7 @@ def test_sweep_runs_every_job_reports_failures_and_feeds_the_report(tmp_path):
     assert cells["dataset"] == "cifar10" and cells["epochs"] == "1"
     assert 0.50 <= float(cells["bytes DSL/CSL"]) <= 0.52
     assert cells["bwd MB/epoch CSL"] == cells["fwd MB/epoch"]  # gradients as big as activations
-    assert "Failed jobs:" in table and "SetupError" in table
-    grid = written["grid.md"].read_text()  # the failed jobs' data-dir is not another experiment
+    assert "Failed jobs:" not in table
+    grid = written["grid.md"].read_text()
     assert "| ResNet-8 cut 1, K=2 | CSL | 1/1 |" in grid
     assert "| ResNet-8 cut 1, K=2 | DSL | 1/1 |" in grid
