@@ -2,7 +2,7 @@
 
 Fig. 8, beyond the paper: the distance correlation between inputs and cut activations.
 
-    python -m experiments.report multirun/grid [--out docs/grid] [--exact <subset.npz>]
+    python -m experiments.report results/grid [--out docs/grid] [--exact <subset.npz>]
 
 Any directory works: every ``rounds.jsonl`` below it (with its ``config.json``) is one run (see
 experiments/runs.py). table.md pairs the plain CSL and DSL runs (lowest seed) of each dataset,

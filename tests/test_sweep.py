@@ -170,8 +170,8 @@ def test_the_reaper_kills_a_sigkilled_parents_tagged_processes():
 def test_every_job_of_the_grid_preset_is_a_valid_run_config():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=["+experiment=grid"], return_hydra_config=True)
-        assert cfg.hydra.sweep.dir == "multirun/grid"
-        jobs = explicit_jobs(cfg, ["+experiment=grid"], Path("multirun/grid"))
+        assert cfg.hydra.sweep.dir == "results/grid"
+        jobs = explicit_jobs(cfg, ["+experiment=grid"], Path("results/grid"))
     settings = []
     for job in jobs:
         rc = RunConfig.from_run_config(dict(job.cfg.run_config))
@@ -202,7 +202,7 @@ def test_every_job_of_the_grid_preset_is_a_valid_run_config():
         (5, 3, "csl", 0, "fb0"),
         (5, 3, "dsl", 0, "fb0"),
     ]
-    assert jobs[0].job_dir == Path("multirun/grid/method=csl,split=cut3,num_clients=1,seed=0")
+    assert jobs[0].job_dir == Path("results/grid/method=csl,split=cut3,num_clients=1,seed=0")
     assert len({j.job_dir for j in jobs}) == 14
 
 
