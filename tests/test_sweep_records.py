@@ -1,0 +1,76 @@
+"""experiments/sweep_records.py: a sweep directory committed on one machine resumes on another.
+
+Real in-process runs (flower_app.server_app.run over a grid that hands each message to the real
+ClientApp): a one-round run is made portable, moved to another folder as a fresh checkout
+elsewhere would hold it, and extended to two rounds; it must end bit for bit where an
+uninterrupted two-round run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments.sweep_records import sweep_records
+from flower_app import client_app as real
+from flower_app.server_app import run
+from split_core.config import RunConfig
+from tests.conftest import TINY, data_dir
+from tests.memory_grid import app_grid
+
+JOB = "method=dsl,seed=0"
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages are built outside a run
+
+
+def run_here(config: dict, given: tuple[str, ...] = ()) -> None:
+    grid = app_grid(real.app, 1, run_id=uuid.uuid4().int % 2**62)  # no other run's warm clients
+    run(grid, RunConfig.from_run_config(config), given=given)
+
+
+def tiny(out: Path, rounds: int) -> dict:
+    return TINY | {"num-rounds": rounds, "data-dir": data_dir(), "output-dir": str(out)}
+
+
+def test_a_portable_sweep_directory_resumes_elsewhere_to_the_uninterrupted_result(
+    tmp_path, monkeypatch
+):
+    run_here(tiny(tmp_path / "reference", 2) | {"run-name": "run"})
+    job = tmp_path / "machine-a" / "results" / "grid" / JOB
+    run_here(tiny(job, 1) | {"run-name": "run"})
+    (job / "flwr.log").write_text("a log that stays behind\n")
+
+    monkeypatch.chdir(tmp_path / "machine-a")
+    monkeypatch.setenv("SPLIT_LEARNING_DATA_DIR", str(Path(data_dir()).parent))
+    files = sweep_records(Path("results/grid"))
+    run_dir = Path("results/grid") / JOB / "run"
+    names = ("config.json", "rounds.jsonl", "model.pt", "checkpoint.pt")  # not flwr.log
+    assert files == [run_dir / n for n in names]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["run_config"]["output-dir"] == f"results/grid/{JOB}"
+    assert config["run_config"]["data-dir"] == data_dir()  # in the config hash: never touched
+    [client] = config["clients"]
+    assert client["data_source"].startswith("$SPLIT_LEARNING_DATA_DIR/"), client["data_source"]
+    assert str(tmp_path) not in (run_dir / "config.json").read_text()
+    assert sweep_records(Path("results/grid")) == files  # again: nothing left to change
+
+    # another machine: only the listed files, in another folder
+    elsewhere = tmp_path / "machine-b"
+    for path in files:
+        (elsewhere / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, elsewhere / path)
+    moved = elsewhere / "results" / "grid" / JOB
+    resume = tiny(moved, 2) | {"run-name": "run", "resume-from": str(moved / "run")}
+    run_here(resume, given=("num-rounds", "resume-from", "output-dir", "data-dir"))
+
+    assert [json.loads(line)["round"] for line in open(moved / "run" / "rounds.jsonl")] == [1, 2]
+    expected = torch.load(tmp_path / "reference" / "run" / "model.pt")
+    resumed = torch.load(moved / "run" / "model.pt")
+    for part in ("client", "server_segment"):
+        assert resumed[part].keys() == expected[part].keys()
+        for key, value in expected[part].items():
+            assert torch.equal(resumed[part][key], value), f"{part}.{key}"
