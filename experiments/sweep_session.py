@@ -11,7 +11,8 @@ pick up where it stopped. What makes that safe:
   SuperLink dies, but its simulation and Ray live on, reparented, holding memory: they are found
   by the token, not by name or port, so other people's Flower processes are never touched.
 - **A reaper**: a small process in its own session that waits for the sweep to die and then
-  kills every process with its token, at once. The next invocation does the same for the
+  kills every process with its token, and their descendants (Ray's agents lose the token), at
+  once. The next invocation does the same for the
   previous token, in case the reaper was killed too.
 - **A fresh SuperLink** per invocation, on free ports with a private FLWR_HOME: nothing of a
   dead sweep's SuperLink can block or answer this one.
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.local_superlink import LocalSuperLink, process_alive
+from deploy.processes import descendants
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +54,29 @@ import os, signal, sys, time
 parent, marker = int(sys.argv[1]), sys.argv[2].encode()
 while os.getppid() == parent:
     time.sleep(1)
+def read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 for _ in range(5):
-    found = False
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    victims = {p for p in pids if marker in read("/proc/%d/environ" % p).split(b"\\0")}
+    parents = {p: read("/proc/%d/stat" % p).rsplit(b")", 1)[-1].split()[1:2] for p in pids}
+    grown = True
+    while grown:  # descendants too: Ray's agents do not carry the token
+        more = {p for p, pp in parents.items() if pp and int(pp[0]) in victims} - victims
+        victims |= more
+        grown = bool(more)
+    victims.discard(os.getpid())
+    if not victims:
+        break
+    for pid in victims:
         try:
-            with open("/proc/%s/environ" % pid, "rb") as f:
-                tagged = marker in f.read().split(b"\\0")
-            if tagged:
-                os.kill(int(pid), signal.SIGKILL)
-                found = True
+            os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    if not found:
-        break
     time.sleep(1)
 """
 
@@ -88,10 +100,15 @@ def tagged_pids(token: str) -> list[int]:
 
 
 def kill_tagged(token: str, keep: Iterable[int] = (), rounds: int = 5) -> list[int]:
-    """SIGKILL every process with this token except ``keep``; returns the PIDs killed."""
+    """SIGKILL every process with this token, and every descendant of one, except ``keep``;
+    returns the PIDs killed. Descendants count because not all of them carry the token: Ray's
+    raylet starts its dashboard and runtime-env agents with an environment of its own, and
+    they outlived every stopped sweep."""
     killed: list[int] = []
+    spared = {*keep, os.getpid()}
     for _ in range(rounds):  # a process may start while its parent is being killed
-        victims = [p for p in tagged_pids(token) if p not in set(keep) and p != os.getpid()]
+        tagged = tagged_pids(token)
+        victims = [p for p in [*tagged, *descendants(tagged)] if p not in spared]
         if not victims:
             break
         for pid in victims:

@@ -7,6 +7,7 @@ the tagged-process cleanup, in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from deploy.local_superlink import process_alive
 from experiments.report import COLUMNS, load_runs, make_report
 from experiments.sweep import explicit_jobs, inspect_run_dir, job_label, job_name, status_table
 from experiments.sweep_session import TOKEN_VAR, kill_tagged, tagged_pids
@@ -112,56 +114,78 @@ def _wait_until_tagged(token: str, pid: int) -> None:
     _wait_for(lambda: pid in tagged_pids(token), 10, f"process {pid} to show {TOKEN_VAR}")
 
 
-def test_kill_tagged_kills_only_processes_with_its_token():
-    tagged = subprocess.Popen(
-        ["sleep", "60"], env=os.environ | {TOKEN_VAR: "test-token-a"}, start_new_session=True
+# A tagged process with an untagged child, as Ray's raylet and its agents are: prints both PIDs.
+TAGGED_WITH_CHILD = f"env -u {TOKEN_VAR} sleep 60 & echo $$ $!; exec sleep 60"
+
+
+def _tagged_with_child(token: str) -> tuple[subprocess.Popen, int, int]:
+    proc = subprocess.Popen(
+        ["sh", "-c", TAGGED_WITH_CHILD],
+        env=os.environ | {TOKEN_VAR: token},
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
+    tagged, child = map(int, proc.stdout.readline().split())
+    _wait_until_tagged(token, tagged)
+    assert child not in tagged_pids(token) and process_alive(child)
+    return proc, tagged, child
+
+
+def test_kill_tagged_kills_only_processes_with_its_token_and_their_descendants():
+    proc, tagged, child = _tagged_with_child("test-token-a")
     other = subprocess.Popen(
         ["sleep", "60"], env=os.environ | {TOKEN_VAR: "test-token-b"}, start_new_session=True
     )
     try:
-        _wait_until_tagged("test-token-a", tagged.pid)
-        assert tagged_pids("test-token-a") == [tagged.pid]
-        assert kill_tagged("test-token-a") == [tagged.pid]
-        assert tagged.wait(timeout=10) == -signal.SIGKILL
+        _wait_until_tagged("test-token-b", other.pid)
+        assert tagged_pids("test-token-a") == [tagged]
+        assert sorted(kill_tagged("test-token-a")) == sorted([tagged, child])
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        _wait_for(lambda: not process_alive(child), 10, "the untagged child to die")
         assert other.poll() is None and tagged_pids("test-token-b") == [other.pid]
     finally:
-        for proc in (tagged, other):
-            proc.kill()
-            proc.wait()
+        for p in (proc, other):
+            p.kill()
+            p.wait()
 
 
 REAPED_PARENT = """
 import os, subprocess, sys, time
 from experiments.sweep_session import REAPER, TOKEN_VAR
+from tests.test_sweep import TAGGED_WITH_CHILD
 token = sys.argv[1]
 subprocess.Popen([sys.executable, "-c", REAPER, str(os.getpid()), f"{TOKEN_VAR}={token}"],
                  start_new_session=True)
-child = subprocess.Popen(["sleep", "60"], env=os.environ | {TOKEN_VAR: token},
-                         start_new_session=True)
-print(child.pid, flush=True)
+child = subprocess.Popen(["sh", "-c", TAGGED_WITH_CHILD], env=os.environ | {TOKEN_VAR: token},
+                         stdout=subprocess.PIPE, text=True, start_new_session=True)
+print(child.stdout.readline(), end="", flush=True)
 time.sleep(60)
 """
 
 
-def test_the_reaper_kills_a_sigkilled_parents_tagged_processes():
+def test_the_reaper_kills_a_sigkilled_parents_tagged_processes_and_their_descendants():
     """What a sweep killed with SIGKILL leaves (here: one process in its own session, as
-    Flower's SuperExec, simulation and Ray are) is killed as soon as the sweep is gone."""
+    Flower's SuperExec, simulation and Ray are, with an untagged child, as Ray's agents are) is
+    killed as soon as the sweep is gone."""
     token = f"test-reaper-{os.getpid()}"
     parent = subprocess.Popen(
         [sys.executable, "-c", REAPED_PARENT, token], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
     try:
-        child = int(parent.stdout.readline())
-        _wait_until_tagged(token, child)
-        assert tagged_pids(token) == [child]
+        tagged, child = map(int, parent.stdout.readline().split())
+        _wait_until_tagged(token, tagged)
+        assert tagged_pids(token) == [tagged] and process_alive(child)
         parent.kill()
         parent.wait()
-        _wait_for(lambda: not tagged_pids(token), 15, "the reaper to kill the tagged child")
+        _wait_for(lambda: not tagged_pids(token), 15, "the reaper to kill the tagged process")
+        _wait_for(lambda: not process_alive(child), 15, "the reaper to kill its untagged child")
     finally:
         parent.kill()
         parent.wait()
         kill_tagged(token)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 # --- the grid preset -------------------------------------------------------------------------
