@@ -50,7 +50,6 @@ from split_core.protocol import (
     TrainReply,
     TrainRequest,
     samples_per_message,
-    train_rows_per_message,
 )
 from split_core.steps import Phases, score
 
@@ -203,9 +202,7 @@ class SplitClient:
     def batches_per_message(self) -> int:
         """As many batches as fit in chunk-mib; a chunk also ends at a batch that needs the
         server's gradient (every batch in CSL), since the client must wait for it."""
-        itemsize = WIRE_ITEMSIZE[self.cfg.payload_dtype]
-        rows = train_rows_per_message(self.cfg.chunk_mib, self.shape, itemsize, self.cfg.batch_size)
-        return rows // self.cfg.batch_size
+        return self.cfg.batches_per_chunk()
 
     def chunk_budget(self, cursor: int) -> int:
         """Batches the message that starts at ``cursor`` may carry.

@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
-from models import AUX_HEADS, check_cut
+from models import AUX_HEADS, check_cut, cut_shape
 from split_core.compute import COMPUTE_DTYPES
 from split_core.data import DATASETS
 from split_core.methods import METHODS, make_method
 from split_core.payload import WIRE_ITEMSIZE
+from split_core.protocol import train_rows_per_message
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 # The same file inside an installed wheel, which has no source tree (hatch force-include).
@@ -236,17 +237,36 @@ class RunConfig:
     def torch_threads(self, requested: int, num_clients: int, cpus: float | None = None) -> int:
         """Threads for one party; 0 = auto from measurements on 2 cores (see README).
 
-        Client and server compute at the same time in DSL (pipelined chunks) and in CSL with
-        several clients, and then each is fastest with half the cores; CSL with one client
-        alternates strictly, so each side may use them all. ``cpus`` is what the party was
-        given (a Ray actor's CPUs in simulation): auto never uses more than that.
+        Client and server compute at the same time in DSL (pipelined chunks) and with several
+        clients, and then each is fastest with half the cores; when they take turns (see
+        ``parties_take_turns``) each may use them all. ``cpus`` is what the party was given (a
+        Ray actor's CPUs in simulation): auto never uses more than that.
         """
         if requested:
             return requested
         cores = os.cpu_count() or 1
-        alone = make_method(self).waits_every_batch and num_clients == 1
-        threads = cores if alone else max(1, cores // 2)
+        threads = cores if self.parties_take_turns(num_clients) else max(1, cores // 2)
         return max(1, min(threads, int(cpus))) if cpus else threads
+
+    def parties_take_turns(self, num_clients: int) -> bool:
+        """One client whose every chunk ends at a batch that waits for the server's gradient:
+        CSL, and DSL with ``feedback-every`` at most a chunk's batches (4 at cut 3 with the
+        default chunk-mib). Client and server then never compute at once, and DSL's pipelining
+        is gone (benchmarks/feedback_threads.py: feedback-every=4 on half the cores per party
+        took 1.5x as long as on all of them)."""
+        if num_clients != 1:
+            return False
+        return make_method(self).waits_every_batch or (
+            0 < self.feedback_every <= self.batches_per_chunk()
+        )
+
+    def batches_per_chunk(self) -> int:
+        """Mini-batches in a full training chunk (``chunk-mib``), before a wait may end it."""
+        shape = cut_shape(self.depth, self.cut)
+        itemsize = WIRE_ITEMSIZE[self.payload_dtype]
+        return train_rows_per_message(self.chunk_mib, shape, itemsize, self.batch_size) // (
+            self.batch_size
+        )
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

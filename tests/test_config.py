@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from pathlib import Path
 
@@ -214,3 +215,29 @@ def test_default_run_config_is_not_mutated_by_overrides() -> None:
 def test_infinite_float_is_refused(key: str) -> None:
     """'All checked up front': an infinite value must not reach the first training message."""
     assert f"{key} must be" in _error({key: float("inf")})
+
+
+# cut 3 carries 16x32x32 float32 = 64 KiB per image: a 32 MiB chunk holds 4 batches of 128;
+# cut 6 (32x16x16) holds 8.
+@pytest.mark.parametrize(
+    ("overrides", "clients", "turns"),
+    [
+        ({"method": "csl"}, 1, True),
+        ({"method": "csl"}, 2, False),
+        ({"method": "dsl"}, 1, False),
+        ({"method": "dsl", "feedback-every": 4}, 1, True),
+        ({"method": "dsl", "feedback-every": 5}, 1, False),  # one chunk in two never waits
+        ({"method": "dsl", "feedback-every": 8, "cut": 6}, 1, True),
+        ({"method": "dsl", "feedback-every": 4}, 2, False),
+    ],
+)
+def test_auto_threads_give_each_party_every_core_only_when_they_take_turns(
+    overrides, clients, turns
+):
+    base = {"depth": 20, "cut": 3, "batch-size": 128, "chunk-mib": 32.0}
+    cfg = RunConfig.from_run_config(base | {"payload-dtype": "float32"} | overrides)
+    assert cfg.parties_take_turns(clients) is turns
+    cores = os.cpu_count() or 1
+    assert cfg.torch_threads(0, clients) == (cores if turns else max(1, cores // 2))
+    assert cfg.torch_threads(0, clients, cpus=1.0) == 1  # never more than the party was given
+    assert cfg.torch_threads(3, clients) == 3  # asked for: as asked

@@ -39,6 +39,7 @@ OVERRIDE_TAKERS = {
     "experiments.reference": set(),
     "benchmarks/compare_methods.py": {"clients"},
     "benchmarks/compute_dtype.py": set(),
+    "benchmarks/feedback_threads.py": set(),
     "benchmarks/scale_clients.py": set(),
     "benchmarks/wire_formats.py": set(),
 }
