@@ -5,12 +5,13 @@
 Lists, for every job, what a report and a resume need: ``run/config.json``, ``run/rounds.jsonl``
 and whichever of ``run/model.pt`` (a finished job) and ``run/checkpoint.pt`` (the last finished
 epoch, which a resume continues bit for bit) exist; never `flwr run`'s log, Hydra's files or the
-lock. Before listing, ``config.json`` loses the paths of the machine that wrote it, in the two
-places they appear (the run's ``output-dir``, the clients' data sources): the sweep directory
-becomes its path as given (``results/grid``), the data folder named by
+lock. Before listing, ``config.json`` loses the paths of the machine that wrote it (the run's
+``output-dir`` and ``resume-from``, the clients' data sources, what each resume recorded): the
+sweep directory becomes its path as given (``results/grid``), the data folder named by
 ``SPLIT_LEARNING_DATA_DIR`` becomes ``$SPLIT_LEARNING_DATA_DIR``, the home folder ``~``.
-Nothing reads those paths back: a resume takes ``output-dir`` from its own command line and
-leaves it out of the config hash, and the clients' data sources are only told to the reader.
+Nothing reads those paths back: a resume takes ``output-dir`` and ``resume-from`` from its own
+command line and leaves them out of the config hash, and the rest is only told to the reader.
+The run-config keys that define the experiment (``data-dir`` among them) are never touched.
 A run writes its config.json once, when it starts or resumes, and the file is replaced
 atomically, so this may run while the sweep runs (``rounds.jsonl``, appended every epoch, holds
 no paths and is left as it is).
@@ -22,8 +23,9 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Any
 
-from strategies.checkpoint import write_atomically
+from strategies.checkpoint import IGNORED_ON_RESUME, write_atomically
 
 PORTABLE, RECORDS = "config.json", ("config.json", "rounds.jsonl")
 MODELS = ("model.pt", "checkpoint.pt")
@@ -38,26 +40,33 @@ def machine_paths(sweep_dir: Path) -> list[tuple[str, str]]:
     return sorted(pairs, key=lambda pair: len(pair[0]), reverse=True)
 
 
-def _portable(text: str, pairs: list[tuple[str, str]]) -> str:
-    for old, new in pairs:
-        text = text.replace(old, new)
-    return text
+def _portable(value: Any, pairs: list[tuple[str, str]]) -> Any:
+    """``value`` with the machine's paths replaced in every string it holds."""
+    if isinstance(value, str):
+        for old, new in pairs:
+            value = value.replace(old, new)
+        return value
+    if isinstance(value, list):
+        return [_portable(v, pairs) for v in value]
+    if isinstance(value, dict):
+        return {k: _portable(v, pairs) for k, v in value.items()}
+    return value
 
 
 def make_portable(config_json: Path, pairs: list[tuple[str, str]]) -> bool:
-    """Replace the machine's paths in a run's ``output-dir`` and its clients' data sources,
-    nothing else (``data-dir`` is part of the experiment's config hash); True if changed."""
+    """Replace the machine's paths everywhere in a run's config.json except in the keys of its
+    run config that define the experiment (``data-dir`` is in the config hash); True if the
+    file changed."""
     config = json.loads(config_json.read_text())
-    before = json.dumps(config)
     run_config = config.get("run_config", {})
-    if isinstance(run_config.get("output-dir"), str):
-        run_config["output-dir"] = _portable(run_config["output-dir"], pairs)
-    for client in config.get("clients", []):
-        if isinstance(client.get("data_source"), str):
-            client["data_source"] = _portable(client["data_source"], pairs)
-    if json.dumps(config) == before:
+    portable = _portable({k: v for k, v in config.items() if k != "run_config"}, pairs)
+    portable["run_config"] = {
+        k: _portable(v, pairs) if k in IGNORED_ON_RESUME else v for k, v in run_config.items()
+    }
+    portable = {k: portable[k] for k in config}  # the keys in their order
+    if portable == config:
         return False
-    text = json.dumps(config, indent=2) + "\n"
+    text = json.dumps(portable, indent=2) + "\n"
     write_atomically(config_json, lambda f: f.write(text.encode()))
     return True
 

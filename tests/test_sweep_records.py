@@ -68,6 +68,16 @@ def test_a_portable_sweep_directory_resumes_elsewhere_to_the_uninterrupted_resul
     run_here(resume, given=("num-rounds", "resume-from", "output-dir", "data-dir"))
 
     assert [json.loads(line)["round"] for line in open(moved / "run" / "rounds.jsonl")] == [1, 2]
+    # the resume recorded machine-b's paths (resume-from, the output-dir it ignored): made
+    # portable in turn, and the experiment's keys left as they were
+    monkeypatch.chdir(elsewhere)
+    assert str(elsewhere) in (run_dir / "config.json").read_text()
+    sweep_records(Path("results/grid"))
+    config = json.loads((run_dir / "config.json").read_text())
+    assert str(elsewhere) not in json.dumps(config), json.dumps(config, indent=1)
+    assert config["run_config"]["resume-from"] == f"results/grid/{JOB}/run"
+    assert config["run_config"]["data-dir"] == data_dir()
+    assert config["resumed"][0]["from_round"] == 1
     expected = torch.load(tmp_path / "reference" / "run" / "model.pt")
     resumed = torch.load(moved / "run" / "model.pt")
     for part in ("client", "server_segment"):
