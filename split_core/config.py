@@ -252,8 +252,7 @@ class RunConfig:
         """One client whose every chunk ends at a batch that waits for the server's gradient:
         CSL, and DSL with ``feedback-every`` at most a chunk's batches (4 at cut 3 with the
         default chunk-mib). Client and server then never compute at once, and DSL's pipelining
-        is gone (benchmarks/feedback_threads.py: feedback-every=4 on half the cores per party
-        took 1.5x as long as on all of them)."""
+        is gone (benchmarks/feedback_threads.py measures both thread counts)."""
         if num_clients != 1:
             return False
         return make_method(self).waits_every_batch or (
