@@ -114,13 +114,14 @@ def listen_port_range() -> range:
     Outgoing connections (gRPC, Ray, httpx) take ports from the ephemeral range at any moment,
     so a port found free there can be taken by another process before our server binds it (CI
     once saw a SuperNode's HTTP API fail to start). Below that range only a server that binds
-    the same port by choice can collide, and a random choice makes that unlikely.
+    the same port by choice can collide, and a random choice makes that unlikely. It starts
+    above Ray's worker ports (10002-19999 by default), which Ray's workers bind as they start.
     """
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768  # Linux's default
-    return range(max(1024, low - 16384), low)
+    return range(20000, max(20000, low))
 
 
 def _bindable(port: int) -> bool:

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -33,6 +34,7 @@ from deploy.local_superlink import (
     BIN,
     free_port,
     free_port_block,
+    listen_port_range,
     process_alive,
     run_flwr,
     write_app,
@@ -452,3 +454,14 @@ class TestWarm:
             assert "ValueError: boom on purpose" in executor
             assert ("restarting, the app changed" in executor) == app_changed
             assert ("exited with status 75; restarting in 0.0 s" in executor) == app_changed
+
+
+def test_free_ports_lie_above_rays_and_below_the_kernels_and_bind():
+    ports = listen_port_range()
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert ports.start == 20000 and ports.stop == max(20000, low)
+    base = free_port_block(4)
+    assert base in ports and base + 3 in ports
+    for port in range(base, base + 4):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
