@@ -32,8 +32,12 @@ MODELS = ("model.pt", "checkpoint.pt")
 
 
 def machine_paths(sweep_dir: Path) -> list[tuple[str, str]]:
-    """(absolute path, its portable name), longest first so that nested paths go first."""
-    pairs = [(str(sweep_dir.resolve()), str(sweep_dir)), (str(Path.home()), "~")]
+    """(absolute path, its portable name), longest first so that nested paths go first. The
+    sweep directory is named relative to the current one when it lies below it."""
+    absolute = sweep_dir.resolve()
+    relative = os.path.relpath(absolute)
+    shown = str(sweep_dir) if relative.startswith("..") else relative
+    pairs = [(str(absolute), shown), (str(Path.home()), "~")]
     if data := os.environ.get("SPLIT_LEARNING_DATA_DIR"):
         pairs.append((str(Path(data).expanduser().resolve()), "$SPLIT_LEARNING_DATA_DIR"))
     pairs = [(old, new) for old, new in pairs if old not in ("/", new)]

@@ -72,7 +72,7 @@ def test_a_portable_sweep_directory_resumes_elsewhere_to_the_uninterrupted_resul
     # portable in turn, and the experiment's keys left as they were
     monkeypatch.chdir(elsewhere)
     assert str(elsewhere) in (run_dir / "config.json").read_text()
-    sweep_records(Path("results/grid"))
+    sweep_records(elsewhere / "results" / "grid")  # given absolute: named relative to the cwd
     config = json.loads((run_dir / "config.json").read_text())
     assert str(elsewhere) not in json.dumps(config), json.dumps(config, indent=1)
     assert config["run_config"]["resume-from"] == f"results/grid/{JOB}/run"
