@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from deploy.local_superlink import process_alive
 from experiments.report import COLUMNS, load_runs, make_report
 from experiments.sweep import explicit_jobs, inspect_run_dir, job_label, job_name, status_table
-from experiments.sweep_session import TOKEN_VAR, kill_tagged, tagged_pids
+from experiments.sweep_session import TOKEN_VAR, cmdline, kill_tagged, tagged_pids
 from split_core.config import RunConfig
 from tests.conftest import ROOT, TINY, data_dir
 
@@ -127,23 +127,40 @@ def _tagged_with_child(token: str) -> tuple[subprocess.Popen, int, int]:
         start_new_session=True,
     )
     tagged, child = map(int, proc.stdout.readline().split())
-    _wait_until_tagged(token, tagged)
-    assert child not in tagged_pids(token) and process_alive(child)
+    _wait_for_sleep(tagged, child)
+    assert tagged_pids(token) == [tagged] and process_alive(child)
     return proc, tagged, child
 
 
+def _wait_for_sleep(*pids: int) -> None:
+    """Until each runs ``sleep 60`` with its environment laid out. The shell prints both PIDs
+    before its own last exec and before the child's two (env, then sleep): until then the
+    child still has the shell's tagged environment (CI once found it tagged), and either may
+    read empty for a moment."""
+
+    def sleeping(pid: int) -> bool:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            return False
+        return cmdline(pid).split() == ["sleep", "60"] and bool(environ)
+
+    _wait_for(lambda: all(sleeping(p) for p in pids), 10, f"{pids} to run sleep")
+
+
 def test_kill_tagged_kills_only_processes_with_its_token_and_their_descendants():
-    proc, tagged, child = _tagged_with_child("test-token-a")
+    token_a, token_b = f"test-token-a-{os.getpid()}", f"test-token-b-{os.getpid()}"
+    proc, tagged, child = _tagged_with_child(token_a)
     other = subprocess.Popen(
-        ["sleep", "60"], env=os.environ | {TOKEN_VAR: "test-token-b"}, start_new_session=True
+        ["sleep", "60"], env=os.environ | {TOKEN_VAR: token_b}, start_new_session=True
     )
     try:
-        _wait_until_tagged("test-token-b", other.pid)
-        assert tagged_pids("test-token-a") == [tagged]
-        assert sorted(kill_tagged("test-token-a")) == sorted([tagged, child])
+        _wait_until_tagged(token_b, other.pid)
+        assert tagged_pids(token_a) == [tagged]
+        assert sorted(kill_tagged(token_a)) == sorted([tagged, child])
         assert proc.wait(timeout=10) == -signal.SIGKILL
         _wait_for(lambda: not process_alive(child), 10, "the untagged child to die")
-        assert other.poll() is None and tagged_pids("test-token-b") == [other.pid]
+        assert other.poll() is None and tagged_pids(token_b) == [other.pid]
     finally:
         for p in (proc, other):
             p.kill()
@@ -174,7 +191,7 @@ def test_the_reaper_kills_a_sigkilled_parents_tagged_processes_and_their_descend
     )
     try:
         tagged, child = map(int, parent.stdout.readline().split())
-        _wait_until_tagged(token, tagged)
+        _wait_for_sleep(tagged, child)
         assert tagged_pids(token) == [tagged] and process_alive(child)
         parent.kill()
         parent.wait()
