@@ -62,12 +62,12 @@ def make_portable(config_json: Path, pairs: list[tuple[str, str]]) -> bool:
     run config that define the experiment (``data-dir`` is in the config hash); True if the
     file changed."""
     config = json.loads(config_json.read_text())
-    run_config = config.get("run_config", {})
-    portable = _portable({k: v for k, v in config.items() if k != "run_config"}, pairs)
-    portable["run_config"] = {
-        k: _portable(v, pairs) if k in IGNORED_ON_RESUME else v for k, v in run_config.items()
+    portable = {
+        key: {k: _portable(v, pairs) if k in IGNORED_ON_RESUME else v for k, v in value.items()}
+        if key == "run_config"
+        else _portable(value, pairs)
+        for key, value in config.items()
     }
-    portable = {k: portable[k] for k in config}  # the keys in their order
     if portable == config:
         return False
     text = json.dumps(portable, indent=2) + "\n"

@@ -107,13 +107,6 @@ def test_an_interrupted_job_is_listed_and_counted():
     ]
 
 
-def _wait_until_tagged(token: str, pid: int) -> None:
-    """Popen returns once the child's exec has closed its close-on-exec pipe, which the kernel
-    does before it lays out the new environment: /proc/<pid>/environ can read empty for a
-    moment after (CI once found no tagged process right after Popen under four test workers)."""
-    _wait_for(lambda: pid in tagged_pids(token), 10, f"process {pid} to show {TOKEN_VAR}")
-
-
 # A tagged process with an untagged child, as Ray's raylet and its agents are: prints both PIDs.
 TAGGED_WITH_CHILD = f"env -u {TOKEN_VAR} sleep 60 & echo $$ $!; exec sleep 60"
 
@@ -133,10 +126,12 @@ def _tagged_with_child(token: str) -> tuple[subprocess.Popen, int, int]:
 
 
 def _wait_for_sleep(*pids: int) -> None:
-    """Until each runs ``sleep 60`` with its environment laid out. The shell prints both PIDs
-    before its own last exec and before the child's two (env, then sleep): until then the
-    child still has the shell's tagged environment (CI once found it tagged), and either may
-    read empty for a moment."""
+    """Until each runs ``sleep 60`` with its environment laid out. Popen returns once the
+    child's exec has closed its close-on-exec pipe, which the kernel does before it lays out the
+    new environment, so /proc/<pid>/environ can read empty for a moment (CI once found no
+    tagged process right after Popen). And the shell prints both PIDs before its own last exec
+    and before the child's two (env, then sleep): until then the child still has the shell's
+    tagged environment (CI once found it tagged)."""
 
     def sleeping(pid: int) -> bool:
         try:
@@ -155,7 +150,7 @@ def test_kill_tagged_kills_only_processes_with_its_token_and_their_descendants()
         ["sleep", "60"], env=os.environ | {TOKEN_VAR: token_b}, start_new_session=True
     )
     try:
-        _wait_until_tagged(token_b, other.pid)
+        _wait_for_sleep(other.pid)
         assert tagged_pids(token_a) == [tagged]
         assert sorted(kill_tagged(token_a)) == sorted([tagged, child])
         assert proc.wait(timeout=10) == -signal.SIGKILL
