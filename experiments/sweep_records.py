@@ -8,7 +8,9 @@ epoch, which a resume continues bit for bit) exist; never `flwr run`'s log, Hydr
 lock. Before listing, ``config.json`` loses the paths of the machine that wrote it (the run's
 ``output-dir`` and ``resume-from``, the clients' data sources, what each resume recorded): the
 sweep directory becomes its path as given (``results/grid``), the data folder named by
-``SPLIT_LEARNING_DATA_DIR`` becomes ``$SPLIT_LEARNING_DATA_DIR``, the home folder ``~``.
+``SPLIT_LEARNING_DATA_DIR`` becomes ``$SPLIT_LEARNING_DATA_DIR``, the data folders the loader
+searches relative to the current one (``data``, ``../shared/data``) their relative names, the
+home folder ``~``.
 Nothing reads those paths back: a resume takes ``output-dir`` and ``resume-from`` from its own
 command line and leaves them out of the config hash, and the rest is only told to the reader.
 The run-config keys that define the experiment (``data-dir`` among them) are never touched.
@@ -25,6 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from split_core.data import RELATIVE_ROOTS
 from strategies.checkpoint import IGNORED_ON_RESUME, write_atomically
 
 PORTABLE, RECORDS = "config.json", ("config.json", "rounds.jsonl")
@@ -33,11 +36,14 @@ MODELS = ("model.pt", "checkpoint.pt")
 
 def machine_paths(sweep_dir: Path) -> list[tuple[str, str]]:
     """(absolute path, its portable name), longest first so that nested paths go first. The
-    sweep directory is named relative to the current one when it lies below it."""
+    sweep directory is named relative to the current one when it lies below it; the data folder
+    is named whether the run found it through ``SPLIT_LEARNING_DATA_DIR`` or beside the current
+    folder, since the variable may be unset when the records are committed."""
     absolute = sweep_dir.resolve()
     relative = os.path.relpath(absolute)
     shown = str(sweep_dir) if relative.startswith("..") else relative
     pairs = [(str(absolute), shown), (str(Path.home()), "~")]
+    pairs += [(str(root.resolve()), str(root)) for root in RELATIVE_ROOTS]
     if data := os.environ.get("SPLIT_LEARNING_DATA_DIR"):
         pairs.append((str(Path(data).expanduser().resolve()), "$SPLIT_LEARNING_DATA_DIR"))
     pairs = [(old, new) for old, new in pairs if old not in ("/", new)]

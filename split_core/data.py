@@ -42,6 +42,8 @@ CIFAR10_CLASSES = (
 # Module-level so tests (and unusual layouts) can point the repo-relative search root elsewhere.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR_ENV = "SPLIT_LEARNING_DATA_DIR"
+# Searched relative to the current directory; a record names a copy found there by this spelling.
+RELATIVE_ROOTS = (Path("data"), Path("..") / "shared" / "data")
 CACHE_ENV = "SPLIT_LEARNING_CACHE"
 # Bump when the decoding changes so stale caches are not reused.
 _CACHE_VERSION = 1
@@ -100,8 +102,7 @@ def search_roots(data_dir: str = "") -> list[Path]:
     env = os.environ.get(DATA_DIR_ENV, "")
     candidates = [Path(env)] if env else []
     candidates += [
-        Path("data"),
-        Path("..") / "shared" / "data",
+        *RELATIVE_ROOTS,
         REPO_ROOT.parent / "shared" / "data",
         cache_root() / "data",
     ]

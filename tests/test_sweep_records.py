@@ -84,3 +84,23 @@ def test_a_portable_sweep_directory_resumes_elsewhere_to_the_uninterrupted_resul
         assert resumed[part].keys() == expected[part].keys()
         for key, value in expected[part].items():
             assert torch.equal(resumed[part][key], value), f"{part}.{key}"
+
+
+def test_a_data_folder_beside_the_checkout_is_named_without_the_environment_variable(
+    tmp_path, monkeypatch
+):
+    """Records committed without SPLIT_LEARNING_DATA_DIR set still lose the data folder's path:
+    a copy the loader finds at ../shared/data is written that way."""
+    checkout, data = tmp_path / "main", tmp_path / "shared" / "data" / "cifar10"
+    data.mkdir(parents=True)
+    run_dir = checkout / "results" / "grid" / JOB / "run"
+    run_dir.mkdir(parents=True)
+    source = f"{data}/{{train,test}}.zip (image-folder zips)"
+    (run_dir / "config.json").write_text(json.dumps({"clients": [{"data_source": source}]}))
+    monkeypatch.delenv("SPLIT_LEARNING_DATA_DIR", raising=False)
+    monkeypatch.chdir(checkout)
+
+    sweep_records(Path("results/grid"))
+
+    client = json.loads((run_dir / "config.json").read_text())["clients"][0]
+    assert client["data_source"] == "../shared/data/cifar10/{train,test}.zip (image-folder zips)"
