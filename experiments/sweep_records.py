@@ -9,8 +9,8 @@ lock. Before listing, ``config.json`` loses the paths of the machine that wrote 
 ``output-dir`` and ``resume-from``, the clients' data sources, what each resume recorded): the
 sweep directory becomes its path as given (``results/grid``), the data folder named by
 ``SPLIT_LEARNING_DATA_DIR`` becomes ``$SPLIT_LEARNING_DATA_DIR``, the data folders the loader
-searches relative to the current one (``data``, ``../shared/data``) their relative names, the
-home folder ``~``.
+searches relative to the current one and to the checkout (``data``, ``../shared/data``) their
+relative names, the home folder ``~``.
 Nothing reads those paths back: a resume takes ``output-dir`` and ``resume-from`` from its own
 command line and leaves them out of the config hash, and the rest is only told to the reader.
 The run-config keys that define the experiment (``data-dir`` among them) are never touched.
@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from split_core.data import RELATIVE_ROOTS
+from split_core import data as loader
 from strategies.checkpoint import IGNORED_ON_RESUME, write_atomically
 
 PORTABLE, RECORDS = "config.json", ("config.json", "rounds.jsonl")
@@ -38,12 +38,16 @@ def machine_paths(sweep_dir: Path) -> list[tuple[str, str]]:
     """(absolute path, its portable name), longest first so that nested paths go first. The
     sweep directory is named relative to the current one when it lies below it; the data folder
     is named whether the run found it through ``SPLIT_LEARNING_DATA_DIR`` or beside the current
-    folder, since the variable may be unset when the records are committed."""
+    folder, since the variable may be unset when the records are committed. The copy beside the
+    checkout, which the loader also searches, is named as seen from the checkout's root, so the
+    records read the same whichever folder they were committed from."""
     absolute = sweep_dir.resolve()
     relative = os.path.relpath(absolute)
     shown = str(sweep_dir) if relative.startswith("..") else relative
     pairs = [(str(absolute), shown), (str(Path.home()), "~")]
-    pairs += [(str(root.resolve()), str(root)) for root in RELATIVE_ROOTS]
+    pairs += [(str(root.resolve()), str(root)) for root in loader.RELATIVE_ROOTS]
+    beside = loader.REPO_ROOT.parent / "shared" / "data"
+    pairs.append((str(beside.resolve()), os.path.relpath(beside, loader.REPO_ROOT)))
     if data := os.environ.get("SPLIT_LEARNING_DATA_DIR"):
         pairs.append((str(Path(data).expanduser().resolve()), "$SPLIT_LEARNING_DATA_DIR"))
     pairs = [(old, new) for old, new in pairs if old not in ("/", new)]
