@@ -89,12 +89,14 @@ class Run:
     def time_split(self) -> dict[str, float]:
         """Epoch wall time split in forward compute, backward compute and the rest.
 
-        Client and server compute may overlap (DSL pipelines them), so the parts can sum to
-        more than the wall time; "communication + idle" is what the wall time leaves over.
+        Medians over epochs, like the grid table's epoch time: a few epochs that shared the
+        cores with something else would otherwise set the figure. Client and server compute
+        may overlap (DSL pipelines them), so the parts can sum to more than the wall time;
+        "communication + idle" is what the wall time leaves over.
         """
-        fwd = self.mean("client_forward_seconds") + self.mean("server_forward_seconds")
-        bwd = self.mean("client_backward_seconds") + self.mean("server_backward_seconds")
-        wall = self.mean("train_seconds")
+        fwd = self.median("client_forward_seconds") + self.median("server_forward_seconds")
+        bwd = self.median("client_backward_seconds") + self.median("server_backward_seconds")
+        wall = self.median("train_seconds")
         return {
             "forward": fwd,
             "backward": bwd,

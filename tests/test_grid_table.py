@@ -175,6 +175,7 @@ def test_epoch_time_is_the_median_over_rounds(tmp_path):
     (run,) = load_runs(tmp_path)
     assert run.median("train_seconds") == 12.0
     assert grid_table([run]).splitlines()[2].endswith("| 12 |")
+    assert run.time_split()["wall"] == 12.0  # Fig. 7 and the paper-style table say the same
 
 
 def test_the_readme_gets_the_table_between_its_markers(tmp_path):
