@@ -46,7 +46,7 @@ def machine_paths(sweep_dir: Path) -> list[tuple[str, str]]:
     shown = str(sweep_dir) if relative.startswith("..") else relative
     pairs = [(str(absolute), shown), (str(Path.home()), "~")]
     pairs += [(str(root.resolve()), str(root)) for root in loader.RELATIVE_ROOTS]
-    beside = loader.REPO_ROOT.parent / "shared" / "data"
+    beside = loader.beside_checkout()
     pairs.append((str(beside.resolve()), os.path.relpath(beside, loader.REPO_ROOT)))
     if data := os.environ.get("SPLIT_LEARNING_DATA_DIR"):
         pairs.append((str(Path(data).expanduser().resolve()), "$SPLIT_LEARNING_DATA_DIR"))

@@ -94,6 +94,12 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or "~/.cache/split-learning").expanduser()
 
 
+def beside_checkout() -> Path:
+    """The data folder beside the checkout, searched whatever the current folder is; read from
+    ``REPO_ROOT`` when called, so that tests pointing it elsewhere move this too."""
+    return REPO_ROOT.parent / "shared" / "data"
+
+
 def search_roots(data_dir: str = "") -> list[Path]:
     """Directories to look in, in order. An explicit `data_dir` is the only root, so a typo
     fails loudly instead of silently training on some other copy."""
@@ -103,7 +109,7 @@ def search_roots(data_dir: str = "") -> list[Path]:
     candidates = [Path(env)] if env else []
     candidates += [
         *RELATIVE_ROOTS,
-        REPO_ROOT.parent / "shared" / "data",
+        beside_checkout(),
         cache_root() / "data",
     ]
     roots: list[Path] = []

@@ -86,41 +86,32 @@ def test_a_portable_sweep_directory_resumes_elsewhere_to_the_uninterrupted_resul
             assert torch.equal(resumed[part][key], value), f"{part}.{key}"
 
 
+@pytest.mark.parametrize(
+    "current",
+    [
+        pytest.param(("main",), id="from-the-checkout"),
+        pytest.param(("elsewhere", "deeper"), id="from-elsewhere"),  # its ../shared/data is not it
+    ],
+)
 def test_a_data_folder_beside_the_checkout_is_named_without_the_environment_variable(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, current
 ):
     """Records committed without SPLIT_LEARNING_DATA_DIR set still lose the data folder's path:
-    a copy the loader finds at ../shared/data is written that way."""
+    a copy the loader finds at ../shared/data is written that way. The loader searches
+    ``<checkout>/../shared/data`` whatever the current folder is, so records committed from
+    elsewhere lose that path too, named as seen from the checkout."""
     checkout, data = tmp_path / "main", tmp_path / "shared" / "data" / "cifar10"
     data.mkdir(parents=True)
-    run_dir = checkout / "results" / "grid" / JOB / "run"
-    run_dir.mkdir(parents=True)
-    source = f"{data}/{{train,test}}.zip (image-folder zips)"
-    (run_dir / "config.json").write_text(json.dumps({"clients": [{"data_source": source}]}))
-    monkeypatch.delenv("SPLIT_LEARNING_DATA_DIR", raising=False)
-    monkeypatch.chdir(checkout)
-
-    sweep_records(Path("results/grid"))
-
-    client = json.loads((run_dir / "config.json").read_text())["clients"][0]
-    assert client["data_source"] == "../shared/data/cifar10/{train,test}.zip (image-folder zips)"
-
-
-def test_the_copy_beside_the_checkout_is_named_from_any_current_folder(tmp_path, monkeypatch):
-    """The loader also searches ``<checkout>/../shared/data`` whatever the current folder is, so
-    records committed from elsewhere must lose that path too, named as seen from the checkout."""
-    checkout, data = tmp_path / "main", tmp_path / "shared" / "data" / "cifar10"
-    data.mkdir(parents=True)
-    elsewhere = tmp_path / "elsewhere" / "deeper"  # its ../shared/data is not the copy
-    run_dir = elsewhere / "grid" / JOB / "run"
+    here = tmp_path.joinpath(*current)
+    run_dir = here / "results" / "grid" / JOB / "run"
     run_dir.mkdir(parents=True)
     source = f"{data}/{{train,test}}.zip (image-folder zips)"
     (run_dir / "config.json").write_text(json.dumps({"clients": [{"data_source": source}]}))
     monkeypatch.delenv("SPLIT_LEARNING_DATA_DIR", raising=False)
     monkeypatch.setattr("split_core.data.REPO_ROOT", checkout)
-    monkeypatch.chdir(elsewhere)
+    monkeypatch.chdir(here)
 
-    sweep_records(Path("grid"))
+    sweep_records(Path("results/grid"))
 
     client = json.loads((run_dir / "config.json").read_text())["clients"][0]
     assert client["data_source"] == "../shared/data/cifar10/{train,test}.zip (image-folder zips)"
