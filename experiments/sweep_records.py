@@ -40,18 +40,23 @@ def machine_paths(sweep_dir: Path) -> list[tuple[str, str]]:
     is named whether the run found it through ``SPLIT_LEARNING_DATA_DIR`` or beside the current
     folder, since the variable may be unset when the records are committed. The copy beside the
     checkout, which the loader also searches, is named as seen from the checkout's root, so the
-    records read the same whichever folder they were committed from."""
+    records read the same whichever folder they were committed from. Where two names fit one
+    folder (the variable names the copy beside the checkout, as CI sets it), the variable wins:
+    it is what the run was told."""
     absolute = sweep_dir.resolve()
     relative = os.path.relpath(absolute)
     shown = str(sweep_dir) if relative.startswith("..") else relative
     pairs = [(str(absolute), shown), (str(Path.home()), "~")]
+    if data := os.environ.get("SPLIT_LEARNING_DATA_DIR"):
+        pairs.append((str(Path(data).expanduser().resolve()), "$SPLIT_LEARNING_DATA_DIR"))
     pairs += [(str(root.resolve()), str(root)) for root in loader.RELATIVE_ROOTS]
     beside = loader.beside_checkout()
     pairs.append((str(beside.resolve()), os.path.relpath(beside, loader.REPO_ROOT)))
-    if data := os.environ.get("SPLIT_LEARNING_DATA_DIR"):
-        pairs.append((str(Path(data).expanduser().resolve()), "$SPLIT_LEARNING_DATA_DIR"))
-    pairs = [(old, new) for old, new in pairs if old not in ("/", new)]
-    return sorted(pairs, key=lambda pair: len(pair[0]), reverse=True)
+    named: dict[str, str] = {}
+    for old, new in pairs:
+        if old not in ("/", new):
+            named.setdefault(old, new)  # the first name given to a folder wins
+    return sorted(named.items(), key=lambda pair: len(pair[0]), reverse=True)
 
 
 def _portable(value: Any, pairs: list[tuple[str, str]]) -> Any:

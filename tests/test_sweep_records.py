@@ -86,20 +86,26 @@ def test_a_portable_sweep_directory_resumes_elsewhere_to_the_uninterrupted_resul
             assert torch.equal(resumed[part][key], value), f"{part}.{key}"
 
 
+BESIDE = "../shared/data/cifar10/{train,test}.zip (image-folder zips)"
+TOLD = "$SPLIT_LEARNING_DATA_DIR/cifar10/{train,test}.zip (image-folder zips)"
+
+
 @pytest.mark.parametrize(
-    "current",
+    ("current", "told", "expected"),
     [
-        pytest.param(("main",), id="from-the-checkout"),
-        pytest.param(("elsewhere", "deeper"), id="from-elsewhere"),  # its ../shared/data is not it
+        pytest.param(("main",), False, BESIDE, id="from-the-checkout"),
+        pytest.param(("elsewhere", "deeper"), False, BESIDE, id="from-elsewhere"),
+        pytest.param(("main",), True, TOLD, id="told-the-same-folder"),  # as CI runs
     ],
 )
-def test_a_data_folder_beside_the_checkout_is_named_without_the_environment_variable(
-    tmp_path, monkeypatch, current
+def test_a_data_folder_beside_the_checkout_is_named_by_what_the_run_was_told(
+    tmp_path, monkeypatch, current, told, expected
 ):
     """Records committed without SPLIT_LEARNING_DATA_DIR set still lose the data folder's path:
     a copy the loader finds at ../shared/data is written that way. The loader searches
     ``<checkout>/../shared/data`` whatever the current folder is, so records committed from
-    elsewhere lose that path too, named as seen from the checkout."""
+    elsewhere (whose own ../shared/data is not it) lose that path too, named as seen from the
+    checkout. When the variable names that same folder, the variable's name wins."""
     checkout, data = tmp_path / "main", tmp_path / "shared" / "data" / "cifar10"
     data.mkdir(parents=True)
     here = tmp_path.joinpath(*current)
@@ -107,11 +113,14 @@ def test_a_data_folder_beside_the_checkout_is_named_without_the_environment_vari
     run_dir.mkdir(parents=True)
     source = f"{data}/{{train,test}}.zip (image-folder zips)"
     (run_dir / "config.json").write_text(json.dumps({"clients": [{"data_source": source}]}))
-    monkeypatch.delenv("SPLIT_LEARNING_DATA_DIR", raising=False)
+    if told:
+        monkeypatch.setenv("SPLIT_LEARNING_DATA_DIR", str(data.parent))
+    else:
+        monkeypatch.delenv("SPLIT_LEARNING_DATA_DIR", raising=False)
     monkeypatch.setattr("split_core.data.REPO_ROOT", checkout)
     monkeypatch.chdir(here)
 
     sweep_records(Path("results/grid"))
 
     client = json.loads((run_dir / "config.json").read_text())["clients"][0]
-    assert client["data_source"] == "../shared/data/cifar10/{train,test}.zip (image-folder zips)"
+    assert client["data_source"] == expected
