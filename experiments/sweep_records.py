@@ -47,8 +47,8 @@ def machine_paths(sweep_dir: Path) -> list[tuple[str, str]]:
     relative = os.path.relpath(absolute)
     shown = str(sweep_dir) if relative.startswith("..") else relative
     pairs = [(str(absolute), shown), (str(Path.home()), "~")]
-    if data := os.environ.get("SPLIT_LEARNING_DATA_DIR"):
-        pairs.append((str(Path(data).expanduser().resolve()), "$SPLIT_LEARNING_DATA_DIR"))
+    if data := os.environ.get(loader.DATA_DIR_ENV):
+        pairs.append((str(Path(data).expanduser().resolve()), f"${loader.DATA_DIR_ENV}"))
     pairs += [(str(root.resolve()), str(root)) for root in loader.RELATIVE_ROOTS]
     beside = loader.beside_checkout()
     pairs.append((str(beside.resolve()), os.path.relpath(beside, loader.REPO_ROOT)))
