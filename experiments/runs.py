@@ -172,11 +172,30 @@ def arms(runs: list[Run]) -> list[Arm]:
     )  # fmt: skip
 
 
+def shared_seed(plain: list[Arm]) -> int | None:
+    """The lowest seed that every arm finished, else the lowest every arm has started: a figure
+    then sets CSL beside DSL of the same seed (same initial weights, same data order)."""
+    for finished_only in (True, False):
+        seeds = set.intersection(
+            *({r.seed for r in arm.runs if r.finished or not finished_only} for arm in plain)
+        )
+        if seeds:
+            return min(seeds)
+    return None
+
+
 def pair(runs: list[Run]) -> dict[Setting, dict[str, Run]]:
-    """Per setting, the plain CSL and DSL runs of the lowest seed (variants and seeds aside)."""
-    table: dict[Setting, dict[str, Run]] = defaultdict(dict)
+    """Per setting, the plain CSL and DSL runs of one seed (``shared_seed``; variants aside)."""
+    plain: dict[Setting, dict[str, Arm]] = defaultdict(dict)
     for arm in arms(runs):
-        table[arm.setting].setdefault(arm.method, arm.runs[0])  # plain arms come first
+        plain[arm.setting].setdefault(arm.method, arm)  # plain arms come first
+    table: dict[Setting, dict[str, Run]] = {}
+    for setting, by_method in plain.items():
+        seed = shared_seed(list(by_method.values()))
+        table[setting] = {
+            method: next((r for r in arm.runs if r.seed == seed), arm.runs[0])
+            for method, arm in by_method.items()
+        }
     return dict(
         sorted(table.items(), key=lambda kv: (kv[0].dataset, kv[0].depth, kv[0].cut, kv[0].clients))
     )

@@ -4,6 +4,7 @@ closes, runs still going left out of the means, and the exact-pixel column from 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,22 @@ def test_runs_group_into_arms_named_by_what_departs_from_the_setting(grid):
         ("csl", 0, "fc"),
         ("dsl", 0, "fc"),
     ]
+
+
+def test_figures_pair_csl_and_dsl_of_a_seed_both_finished(tmp_path):
+    """Not each method's lowest seed: DSL's seed 0 still running beside CSL's finished seed 1
+    would set two different runs, one of them half done, side by side."""
+    write_run(tmp_path, "csl1", [0.5, 0.8, 0.88], method="csl", seed=1)
+    write_run(tmp_path, "dsl0", [0.5], method="dsl", seed=0)
+    write_run(tmp_path, "dsl1", [0.5, 0.8, 0.87], method="dsl", seed=1)
+    plain = pair(load_runs(tmp_path))
+    assert {m: r.seed for m, r in next(iter(plain.values())).items()} == {"csl": 1, "dsl": 1}
+    write_run(tmp_path, "csl0", [0.4], method="csl", seed=0)  # no seed finished by both: started
+    write_run(tmp_path, "csl2", [0.4], method="csl", seed=2)
+    for finished in ("csl1", "dsl1"):
+        shutil.rmtree(tmp_path / finished)
+    plain = pair(load_runs(tmp_path))
+    assert {m: r.seed for m, r in next(iter(plain.values())).items()} == {"csl": 0, "dsl": 0}
 
 
 def test_a_different_recipe_is_another_arm(grid):
