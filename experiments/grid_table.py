@@ -42,10 +42,6 @@ class Spread:
         return mean if self.n == 1 else f"{mean} ± {self.half_range:.1f}"
 
 
-def finished(arm: Arm) -> list[Run]:
-    return [r for r in arm.runs if r.finished]
-
-
 def _pct(values: list[float | None]) -> Spread | None:
     return Spread.of([100 * v for v in values if v is not None])
 
@@ -69,7 +65,7 @@ def _mean(runs: list[Run], value: Callable[[Run], float]) -> float:
 
 
 def arm_row(arm: Arm, exact: dict[Path, float]) -> list[str]:
-    done = finished(arm)
+    done = arm.finished
     shown = done or arm.runs  # bytes, memory and time: from what ran so far if nothing finished
     acc = _cell(_pct([r.final_accuracy for r in done]))
     if len(done) < len(arm.runs):
@@ -93,8 +89,8 @@ def arm_row(arm: Arm, exact: dict[Path, float]) -> list[str]:
 
 def paired_gap(better: Arm, worse: Arm) -> Spread | None:
     """better − worse in points, per seed that both finished, then over seeds."""
-    a = {r.seed: r.final_accuracy for r in finished(better)}
-    b = {r.seed: r.final_accuracy for r in finished(worse)}
+    a = {r.seed: r.final_accuracy for r in better.finished}
+    b = {r.seed: r.final_accuracy for r in worse.finished}
     return Spread.of([100 * (a[s] - b[s]) for s in sorted(a.keys() & b.keys())])
 
 
@@ -131,14 +127,14 @@ def verdicts(all_arms: list[Arm]) -> list[str]:
 def closing(variant: Arm, dsl: Arm, csl: Arm) -> str:
     """How much of CSL − DSL the variant recovers, on the seeds all three finished."""
     seeds = (
-        {r.seed for r in finished(variant)}
-        & {r.seed for r in finished(dsl)}
-        & {r.seed for r in finished(csl)}
+        {r.seed for r in variant.finished}
+        & {r.seed for r in dsl.finished}
+        & {r.seed for r in csl.finished}
     )
     if not seeds:
         return "pending"
     acc = {
-        name: 100 * sum(r.final_accuracy for r in finished(arm) if r.seed in seeds) / len(seeds)
+        name: 100 * sum(r.final_accuracy for r in arm.finished if r.seed in seeds) / len(seeds)
         for name, arm in (("v", variant), ("d", dsl), ("c", csl))
     }
     gap, gained = acc["c"] - acc["d"], acc["v"] - acc["d"]

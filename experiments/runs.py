@@ -142,6 +142,11 @@ class Arm:
     def label(self) -> str:
         return f"{self.method.upper()} {self.variant}".strip()
 
+    @property
+    def finished(self) -> list[Run]:
+        """Its runs that ran every epoch and wrote their model: the only ones a verdict counts."""
+        return [r for r in self.runs if r.finished]
+
 
 def arms(runs: list[Run]) -> list[Arm]:
     """Group runs into arms and name each by how it departs from its setting's usual config."""
@@ -175,10 +180,8 @@ def arms(runs: list[Run]) -> list[Arm]:
 def shared_seed(plain: list[Arm]) -> int | None:
     """The lowest seed that every arm finished, else the lowest every arm has started: a figure
     then sets CSL beside DSL of the same seed (same initial weights, same data order)."""
-    for finished_only in (True, False):
-        seeds = set.intersection(
-            *({r.seed for r in arm.runs if r.finished or not finished_only} for arm in plain)
-        )
+    for chosen in (lambda arm: arm.finished, lambda arm: arm.runs):
+        seeds = set.intersection(*({r.seed for r in chosen(arm)} for arm in plain))
         if seeds:
             return min(seeds)
     return None
