@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments.exact_pixels import ExactTest, accuracy
-from experiments.runs import Arm, Run, Setting, arms
+from experiments.runs import Arm, Run, Setting, arms, common_seeds
 
 MB = 1e6
 ON_PAR_PT = 1.0  # |DSL - CSL| within this many points counts as on par, as the paper's claim
@@ -126,11 +126,7 @@ def verdicts(all_arms: list[Arm]) -> list[str]:
 
 def closing(variant: Arm, dsl: Arm, csl: Arm) -> str:
     """How much of CSL − DSL the variant recovers, on the seeds all three finished."""
-    seeds = (
-        {r.seed for r in variant.finished}
-        & {r.seed for r in dsl.finished}
-        & {r.seed for r in csl.finished}
-    )
+    seeds = common_seeds([variant, dsl, csl])
     if not seeds:
         return "pending"
     acc = {

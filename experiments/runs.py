@@ -177,14 +177,16 @@ def arms(runs: list[Run]) -> list[Arm]:
     )  # fmt: skip
 
 
+def common_seeds(group: list[Arm], started: bool = False) -> set[int]:
+    """The seeds that every arm of the group finished (or, with ``started``, has begun)."""
+    return set.intersection(*({r.seed for r in (a.runs if started else a.finished)} for a in group))
+
+
 def shared_seed(plain: list[Arm]) -> int | None:
     """The lowest seed that every arm finished, else the lowest every arm has started: a figure
     then sets CSL beside DSL of the same seed (same initial weights, same data order)."""
-    for chosen in (lambda arm: arm.finished, lambda arm: arm.runs):
-        seeds = set.intersection(*({r.seed for r in chosen(arm)} for arm in plain))
-        if seeds:
-            return min(seeds)
-    return None
+    seeds = common_seeds(plain) or common_seeds(plain, started=True)
+    return min(seeds) if seeds else None
 
 
 def pair(runs: list[Run]) -> dict[Setting, dict[str, Run]]:
