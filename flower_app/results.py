@@ -177,6 +177,28 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _secs(v: float) -> str:
+    return f"{v:.1f}"
+
+
 def round_line(r: dict[str, Any], num_rounds: int) -> str:
     aux = (
         "" if r["aux_test_accuracy"] is None else f"  aux-acc {100 * r['aux_test_accuracy']:5.1f}%"
@@ -191,22 +213,22 @@ def round_line(r: dict[str, Any], num_rounds: int) -> str:
 
 SUMMARY_COLUMNS = (
     ("round", "round", str),
-    ("test acc", "test_accuracy", lambda v: _pct(v)),
-    ("aux acc", "aux_test_accuracy", lambda v: _pct(v)),
-    ("train loss", "train_loss", lambda v: _num(v)),
-    ("acts", "bytes_activations", lambda v: human_bytes(v)),
-    ("labels", "bytes_labels", lambda v: human_bytes(v)),
-    ("grads", "bytes_gradients", lambda v: human_bytes(v)),
-    ("sync", "bytes_model_sync", lambda v: human_bytes(v)),
-    ("eval", "bytes_eval", lambda v: human_bytes(v)),
-    ("client saved", "client_peak_saved_bytes", lambda v: human_bytes(v)),
-    ("server saved", "server_peak_saved_bytes", lambda v: human_bytes(v)),
-    ("client rss", "client_peak_rss_bytes", lambda v: human_bytes(v)),
-    ("server rss", "server_peak_rss_bytes", lambda v: human_bytes(v)),
-    ("round s", "round_seconds", lambda v: f"{v:.1f}"),
-    ("client s", "client_compute_seconds", lambda v: f"{v:.1f}"),
-    ("server s", "server_compute_seconds", lambda v: f"{v:.1f}"),
-    ("wait s", "wait_seconds", lambda v: f"{v:.1f}"),
+    ("test acc", "test_accuracy", _pct),
+    ("aux acc", "aux_test_accuracy", _pct),
+    ("train loss", "train_loss", _num),
+    ("acts", "bytes_activations", human_bytes),
+    ("labels", "bytes_labels", human_bytes),
+    ("grads", "bytes_gradients", human_bytes),
+    ("sync", "bytes_model_sync", human_bytes),
+    ("eval", "bytes_eval", human_bytes),
+    ("client saved", "client_peak_saved_bytes", human_bytes),
+    ("server saved", "server_peak_saved_bytes", human_bytes),
+    ("client rss", "client_peak_rss_bytes", human_bytes),
+    ("server rss", "server_peak_rss_bytes", human_bytes),
+    ("round s", "round_seconds", _secs),
+    ("client s", "client_compute_seconds", _secs),
+    ("server s", "server_compute_seconds", _secs),
+    ("wait s", "wait_seconds", _secs),
 )
 
 
@@ -241,21 +263,3 @@ def read_rounds(run_dir: str | Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}: line {n} is not JSON ({exc})") from exc
             warnings.warn(f"{path}: skipped line {n}, cut off mid-write ({exc})", RuntimeWarning, 2)
     return rounds
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
-
-
-def _num(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"
