@@ -237,9 +237,15 @@ def test_every_job_of_the_grid_preset_is_a_valid_run_config():
         (5, 3, "csl", 0, "fb0"),
         (5, 3, "dsl", 0, "fb0"),
         (1, 3, "dsl", 0, "conv_mlp"),
+        (1, 3, "dsl", 1, "conv_mlp"),
+        (1, 3, "dsl", 1, "fb4"),
+        (5, 6, "csl", 1, "fb0"),
+        (5, 6, "dsl", 1, "fb0"),
+        (5, 3, "csl", 1, "fb0"),
+        (5, 3, "dsl", 1, "fb0"),
     ]
     assert jobs[0].job_dir == Path("results/grid/method=csl,split=cut3,num_clients=1,seed=0")
-    assert len({j.job_dir for j in jobs}) == 14
+    assert len({j.job_dir for j in jobs}) == 20
 
 
 # --- real sweeps ------------------------------------------------------------------------------
