@@ -119,15 +119,16 @@ def test_resources_and_threads_reach_the_client_app(many_nodes, flwr_run):
 
 
 def slow_neighbour_app() -> ClientApp:
-    """The real ClientApp, except that partition 1 takes 0.5 s more for every training message.
+    """The real ClientApp, except that partition 1 takes 1.5 s more for every training message.
 
     Turns alternate between the two clients, so while the server waits for partition 1 it is a
-    slow consumer of partition 0's chunks: without back-pressure they would pile up.
+    slow consumer of partition 0's chunks: without back-pressure they would pile up. (0.5 s was
+    too little on a loaded 2-core CPU: partition 0 then never got ahead by 3 chunks.)
     """
 
     def forward(msg: Message, context: Context) -> Message:
         if context.node_config["partition-id"] == 1:
-            time.sleep(0.5)
+            time.sleep(1.5)
         return real.train(msg, context)
 
     return client_app_with(forward=forward)
