@@ -1,7 +1,7 @@
 """The GPU check: one table of what the paper's setting costs on this machine's accelerator.
 
     bash benchmarks/gpu_check.sh            # ResNet-110 cut 27, full CIFAR-10 (< 8 min, one H100)
-    bash benchmarks/gpu_check.sh --quick    # ResNet-8 cut 1, 512 images: checks the script itself
+    bash benchmarks/gpu_check.sh --quick    # ResNet-8 cut 1, 128 images: checks the script itself
 
 Rows: one epoch in process (no Flower; client and server on one device) and through Flower's
 simulation, for DSL and CSL with K=1, in float32 and bfloat16 + channels_last; one DSL epoch
@@ -25,7 +25,7 @@ from flower_app.results import human_bytes, read_rounds
 from split_core.config import RunConfig
 
 FULL = {"depth": 110, "cut": 27, "samples-per-client": 0, "test-samples": 0}
-QUICK = {"depth": 8, "cut": 1, "samples-per-client": 512, "test-samples": 256}
+QUICK = {"depth": 8, "cut": 1, "samples-per-client": 128, "test-samples": 64}
 BF16 = {"compute-dtype": "bfloat16", "channels-last": True}
 
 

@@ -276,7 +276,7 @@ cpus_per_client: 1
 jobs:
   - [method=csl]                                   # the uninterrupted reference
   - [method=csl, run_config.progress-seconds=29]   # job 1's computation; killed, then resumed
-  - [method=dsl, run_config.num-rounds=40, job_timeout_s=45]   # stopped at its timeout
+  - [method=dsl, run_config.num-rounds=1000, job_timeout_s=30]   # stopped at its timeout
 hydra:
   sweep:
     dir: {sweep_dir}
@@ -293,8 +293,8 @@ def test_a_killed_sweep_resumes_skips_what_is_done_and_stops_a_job_at_its_timeou
     sweep_dir = tmp_path / "sweep"
     run_config = TINY | {
         "num-rounds": 3,
-        "samples-per-client": 300,
-        "test-samples": 200,
+        "samples-per-client": 192,  # rounds of a second or more: the kill lands mid-run
+        "test-samples": 64,
         "data-dir": data_dir(),
     }
     conf = tmp_path / "conf" / "experiment"
@@ -333,9 +333,9 @@ def test_a_killed_sweep_resumes_skips_what_is_done_and_stops_a_job_at_its_timeou
         assert "[job 1/3 csl] done before: 3 rounds, skipped" in out2
         assert "[job 1/3 csl] round" not in out2  # not run again
         assert "[job 2/3 csl progress-seconds=29] round 3/3: test" in out2
-        assert "timed out after 45 s (job_timeout_s)" in statuses[3]["reason"]
+        assert "timed out after 30 s (job_timeout_s)" in statuses[3]["reason"]
         assert "flwr stop" in statuses[3]["reason"], statuses[3]["reason"]
-        assert "[job 3/3 dsl num-rounds=40 job_timeout_s=45] failed: " in out2, out2[-3000:]
+        assert "[job 3/3 dsl num-rounds=1000 job_timeout_s=30] failed: " in out2, out2[-3000:]
         table = out2[out2.index(f"sweep {sweep_dir}") :]
         assert "3 jobs: 1 done, 1 resumed, 0 fresh, 1 failed" in table
         assert (sweep_dir / "status.md").read_text().count("\n") == 7
@@ -352,7 +352,7 @@ def test_a_killed_sweep_resumes_skips_what_is_done_and_stops_a_job_at_its_timeou
         # the report lists the failed job and why, beside the finished ones
         table = make_report(sweep_dir, tmp_path / "report")["table.md"].read_text()
         failed = table[table.index("Failed jobs:") :]
-        assert "dsl" in failed and "timed out after 45 s (job_timeout_s)" in failed, failed
+        assert "dsl" in failed and "timed out after 30 s (job_timeout_s)" in failed, failed
         grid = (tmp_path / "report" / "grid.md").read_text()  # the failed job adds no row
         assert "| CSL |" in grid and "| DSL |" not in grid, grid
     finally:
