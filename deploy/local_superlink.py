@@ -25,7 +25,6 @@ from typing import IO, Any
 
 import httpx
 
-
 APP_PACKAGES = ("flower_app", "strategies", "split_core", "models")
 
 
