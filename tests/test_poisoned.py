@@ -3,12 +3,13 @@ model non-finite, or move the aggregate by more than its counted share.
 
 tests/test_hostile.py feeds the server malformed replies; here every reply decodes and is
 malicious. Fast tests hold each check on its own; the slow table (``TABLE`` below, written up
-in docs/trust.md) runs every row in a real Flower simulation, DSL and CSL, beside two honest
-clients, and compares the final model with a run in which each culprit's poisoned reply is
-an error reply instead (``flower_app.server_app.run`` in this process, through a grid of our
-own that hands each message to the same ClientApp): a rejected reply is exactly a dropped
-one, bit for bit. For the robust aggregators, a client that is not rejected (weights shifted
-by SHIFT, within every bound) moves the result by less than a stated distance.
+in docs/trust.md) runs every row in a real Flower simulation, DSL and CSL (the never-done row
+in DSL only), beside two honest clients, and compares the final model with a run in which each
+culprit's poisoned reply is an error reply instead (``flower_app.server_app.run`` in this
+process, through a grid of our own that hands each message to the same ClientApp): a rejected
+reply is exactly a dropped one, bit for bit. For the robust aggregators, a client that is not
+rejected (weights shifted by SHIFT, within every bound) moves the result by less than a stated
+distance.
 """
 
 from __future__ import annotations
@@ -571,6 +572,9 @@ TABLE = {
     7: ("duplicate partition-id", "clone", None, "bad payload: partition-id 0 is already taken"),
     8: ("never done", "stall", None, f"not finished within {ROUND_TIMEOUT:g} s (round-timeout)"),
 }
+# The never-done row in DSL's run only: the round timeout is the strategy's, whatever the
+# method, and each run that has it waits a whole ROUND_TIMEOUT.
+TABLES = {"dsl": TABLE, "csl": {pid: row for pid, row in TABLE.items() if pid != 8}}
 ROBUST_TABLE = {
     2: ("huge int8 scale", 2, huge_int8("scale"), "bad payload: int8 channel 0 (scale 1e+30, "),
     3: ("huge int8 zero point", 2, huge_int8("zero"), "bad payload: int8 channel 0 (scale "),
@@ -706,7 +710,7 @@ def run_table(table: dict, method: str, out: Path, modes: tuple[str, ...], **ext
 def table_runs(tmp_path_factory) -> dict[str, dict[str, Path]]:
     out = tmp_path_factory.mktemp("poisoned")
     timeout = {"round-timeout": ROUND_TIMEOUT}
-    return {m: run_table(TABLE, m, out, ("fail",), **timeout) for m in ("dsl", "csl")}
+    return {m: run_table(TABLES[m], m, out, ("fail",), **timeout) for m in ("dsl", "csl")}
 
 
 @pytest.mark.slow
@@ -722,7 +726,8 @@ def test_every_poisoned_reply_is_refused_and_its_culprit_named(table_runs, metho
     for rnd, failures in enumerate(rounds, 1):
         for pid in (2, 3, 5, 6):
             assert TABLE[pid][3] in failures[pid], (rnd, pid, failures.get(pid), seconds)
-        assert (failures.get(8) == TABLE[8][3]) == (rnd == 1), (rnd, failures.get(8))
+        if 8 in TABLES[method]:  # timed out in round 1 only
+            assert (failures.get(8) == TABLE[8][3]) == (rnd == 1), (rnd, failures.get(8))
         assert 1 not in failures  # the honest client
     for r in read_rounds(run_dir):
         assert math.isfinite(r["train_loss"]) and math.isfinite(r["test_loss"])
