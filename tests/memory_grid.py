@@ -12,11 +12,14 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Hashable
+from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from flower_app.server_app import run
 from split_core import protocol
+from split_core.config import RunConfig
 
 Respond = Callable[[Message], Message | None]  # None: no reply (yet)
 
@@ -107,3 +110,15 @@ def app_grid(
 
     nodes = {101 + i: node(i) for i in range(clients)}
     return MemoryGrid(nodes, errors_as_replies=errors_as_replies)
+
+
+def run_in_process(config: dict, app: ClientApp, clients: int) -> Path:
+    """The run of ``config`` through ``flower_app.server_app.run`` and ``app`` in this process,
+    each failing reply an error reply as Flower makes it: the twin of a simulation, bit for bit,
+    without its engine (a test's own ClientApp, compared with a real run of it)."""
+    run_id = uuid.uuid4().int % 2**62  # its own, so no other run's warm clients are reused
+    run(
+        app_grid(app, clients, run_id=run_id, errors_as_replies=True),
+        RunConfig.from_run_config(config),
+    )
+    return Path(config["output-dir"]) / config["run-name"]

@@ -31,6 +31,7 @@ import torch
 
 from deploy.files import read_pids
 from deploy.local_superlink import (
+    APP_ROOT,
     BIN,
     free_port,
     free_port_block,
@@ -50,8 +51,8 @@ RUN_CONFIG = {
     "cut": 1,
     "batch-size": 32,
     "lr": 0.05,
-    "samples-per-client": 64,
-    "test-samples": 64,
+    "samples-per-client": 32,  # one batch: on the stock path each message is a fresh process
+    "test-samples": 32,
     "num-rounds": 1,
     "chunk-mib": 64.0,
     "client-threads": 1,
@@ -138,7 +139,7 @@ class Deployment:
                 "data-dir": data_dir(),
             }
             log, seconds = self.run(
-                ROOT, " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+                APP_ROOT, " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
             )
             rounds = read_rounds(out / name) if (out / name / "rounds.jsonl").exists() else []
             assert len(rounds) == 1, log[-3000:] + self.logs()
@@ -438,7 +439,7 @@ class TestWarm:
         app.mkdir()
         write_app(app, "warm-probe", "warm_probe", PROBE_APP, 'out = ""\n')
         out = tmp_path / "probe.json"
-        app_changed = ROOT in warm.apps_run  # the executors hold the split-learning app
+        app_changed = APP_ROOT in warm.apps_run  # the executors hold the split-learning app
         log, _ = warm.run(app, f"out='{out}'", timeout=300)
         assert out.exists(), log[-3000:] + warm.logs()
         result = json.loads(out.read_text())

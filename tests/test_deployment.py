@@ -32,12 +32,12 @@ import pytest
 import torch
 
 from deploy.local import CONNECTION, LocalDeployment, Settings
-from deploy.local_superlink import free_port, free_port_block
+from deploy.local_superlink import APP_ROOT, free_port, free_port_block
 from experiments import reference
 from flower_app.results import read_rounds
 from models import cut_shape
 from split_core.config import RunConfig
-from tests.conftest import ROOT, TINY, data_dir
+from tests.conftest import TINY, data_dir
 
 pytestmark = pytest.mark.slow  # real Flower runs: deselect with -m 'not slow'
 
@@ -82,12 +82,12 @@ class Deployment:
         return [str(n) for n in self.local.online_nodes()]
 
     def run(self, name: str, config: dict, timeout: float = 600) -> FlowerRun:
-        """`flwr run <ROOT> local-deployment --stream`; data-dir comes from the node config."""
+        """`flwr run <app> local-deployment --stream`; data-dir comes from the node config."""
         overrides = config | {"output-dir": str(self.out), "run-name": name}
         start = time.monotonic()
         proc = self.flwr(
             "run",
-            str(ROOT),
+            str(APP_ROOT),
             CONNECTION,
             "--stream",
             "--run-config",
@@ -244,7 +244,7 @@ def test_a_supernode_killed_after_round_1_leaves_a_run_that_finishes(tmp_path, o
         overrides = config | {"output-dir": str(dep.out), "run-name": "killed"}
         started = dep.flwr(
             "run",
-            str(ROOT),
+            str(APP_ROOT),
             CONNECTION,
             "--format",
             "json",

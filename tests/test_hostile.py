@@ -1,10 +1,11 @@
 """Hostile or broken replies never crash the server, and change nothing but that client's share.
 
 One real simulation with eleven clients: partition 0 is honest, each other partition breaks its
-second training reply of every round in its own way (the table below). A second simulation has
-those partitions simply fail at the same reply (the ClientApp raises). The two runs must end
-with the same server segment and the same global client weights, bit for bit: a rejected reply
-is exactly a dropped one. Each rejection names its problem in rounds.jsonl.
+second training reply of every round in its own way (the table below). The same run in this
+process (no Flower engine: tests/memory_grid.py) has those partitions simply fail at the same
+reply (the ClientApp raises; the grid answers with an error reply, as Flower does). The two runs
+must end with the same server segment and the same global client weights, bit for bit: a
+rejected reply is exactly a dropped one. Each rejection names its problem in rounds.jsonl.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from flower_app import client_app as real
 from flower_app.results import read_rounds
 from flower_app.simulation import simulate
 from tests.conftest import TINY, client_app_with, data_dir
+from tests.memory_grid import run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -133,9 +135,10 @@ CONFIG = TINY | {
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("hostile")
     dirs = {}
-    for mode in ("break", "fail"):
-        config = CONFIG | {"data-dir": data_dir(), "output-dir": str(out), "run-name": mode}
-        dirs[mode] = simulate(config, num_clients=K, client_app=breaking_app(mode))
+    config = CONFIG | {"data-dir": data_dir(), "output-dir": str(out)}
+    dirs["break"] = simulate(config | {"run-name": "break"}, K, client_app=breaking_app("break"))
+    # the twin in this process: the breaking clients answer with errors instead
+    dirs["fail"] = run_in_process(config | {"run-name": "fail"}, breaking_app("fail"), K)
     return dirs
 
 

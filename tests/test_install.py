@@ -24,8 +24,9 @@ import nbformat
 import pytest
 
 from tests.conftest import ROOT, TINY, data_dir
+from tests.test_grid_table import write_run
 
-pytestmark = pytest.mark.slow  # builds a wheel and runs Flower three times: about 2 minutes
+pytestmark = pytest.mark.slow  # builds a wheel and runs Flower once: about a minute
 
 PACKAGES = ("flower_app", "strategies", "split_core", "models")
 NOTEBOOK = ROOT / "notebooks" / "compare_strategies.ipynb"
@@ -126,7 +127,10 @@ def test_wheel_is_imported_from_the_venv_with_the_checkouts_defaults(venv, tmp_p
 
 
 def test_wheel_runs_the_notebooks_code(venv, tmp_path):
-    """Every code cell of the notebook (its `%` magics left out), then checks of what it drew."""
+    """Every code cell of the notebook (its `%` magics left out), pointed at a results directory,
+    then checks of where its modules came from and what it drew. Its own runs (`simulate`, two
+    Flower simulations) are tests/test_notebook.py's; here the sweep job below is the wheel's
+    Flower run."""
     cells = nbformat.read(NOTEBOOK, as_version=4).cells
     lines = [
         line
@@ -136,17 +140,13 @@ def test_wheel_runs_the_notebooks_code(venv, tmp_path):
         if not line.startswith("%")
     ]
     (tmp_path / "notebook.py").write_text("\n".join(lines) + NOTEBOOK_CHECKS)
-    settings = {
-        "NOTEBOOK_SETTINGS": json.dumps(SETTINGS | {"data-dir": data_dir()}),
-        "NOTEBOOK_OUT": str(tmp_path / "runs"),
-        "SWEEP_DIR": "",
-        "EXPECTED_PREFIX": str(venv),
-    }
+    grid = tmp_path / "grid"
+    write_run(grid, "csl0", [0.5, 0.8, 0.90], method="csl", seed=0)
+    write_run(grid, "dsl0", [0.5, 0.8, 0.87], method="dsl", seed=0)
+    settings = {"SWEEP_DIR": str(grid), "EXPECTED_PREFIX": str(venv)}
     out = run_in(venv, tmp_path, "notebook.py", extra_env=settings)
-    assert "bytes DSL/CSL" in out and "ResNet-8 cut 1 K=2" in out
-    for method in ("csl", "dsl"):
-        rounds = (tmp_path / "runs" / method / "rounds.jsonl").read_text().splitlines()
-        assert len(rounds) == 1 and json.loads(rounds[0])["num_clients"] == 2
+    assert "2 runs under" in out and "bytes DSL/CSL" in out and "ResNet-8 cut 1 K=1" in out
+    assert not (tmp_path / "outputs").exists()  # no run of its own
 
 
 def test_wheel_runs_a_sweep_job(venv, tmp_path):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from flwr.clientapp import ClientApp
 
 from flower_app import client_app as real
 from flower_app.results import read_rounds
-from flower_app.server_app import run as run_in_process
 from flower_app.simulation import simulate
 from models import cut_shape
 from split_core import protocol
@@ -53,7 +51,7 @@ from strategies.replies import Expected, expectations, parse_eval, parse_train
 from strategies.roster import ClientInfo, Roster
 from strategies.server_segment import ServerSegment
 from tests.conftest import TINY, client_app_with, data_dir
-from tests.memory_grid import MemoryGrid, app_grid
+from tests.memory_grid import MemoryGrid, run_in_process
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # messages are built outside a run
 A, B, C = 11, 22, 33
@@ -656,14 +654,6 @@ def table_config(table: dict, method: str, out: Path, name: str, **extra) -> dic
     )
 
 
-def in_process(config: dict, app: ClientApp, k: int) -> Path:
-    """The same run through ``flower_app.server_app.run`` and the ClientApp in this process."""
-    run_id = uuid.uuid4().int % 2**62  # its own, so no other run's warm clients are reused
-    grid = app_grid(app, k, run_id=run_id, errors_as_replies=True)
-    run_in_process(grid, RunConfig.from_run_config(config))
-    return Path(config["output-dir"]) / config["run-name"]
-
-
 def model(run_dir: Path) -> dict:
     return torch.load(run_dir / "model.pt")
 
@@ -702,7 +692,7 @@ def run_table(table: dict, method: str, out: Path, modes: tuple[str, ...], **ext
     print(f"{method}: the poisoned Flower run took {time.monotonic() - t0:.0f} s")
     for mode in modes:
         config = table_config(table, method, out, f"{method}-{mode}", **extra)
-        dirs[mode] = in_process(config, poisoned_app(table, method, mode), k)
+        dirs[mode] = run_in_process(config, poisoned_app(table, method, mode), k)
     return dirs
 
 
