@@ -56,6 +56,34 @@ def real_cifar10_from_env() -> Path | None:
 REAL_CIFAR10 = real_cifar10_from_env()
 
 
+# The files whose tests start real Flower and Ray processes, longest first (their share of a
+# 4-worker run on a 2-core CPU, from `--durations`: test_resume about 540 s ... test_hostile 80).
+# xdist's `--dist loadfile` hands files to workers in collection order: started last, a long
+# file would run alone at the end while the other workers idle. Only the order depends on this.
+LONGEST_FIRST = (
+    "test_resume.py",
+    "test_poisoned.py",
+    "test_sweep.py",
+    "test_scale.py",
+    "test_deployment.py",
+    "test_deploy_script.py",
+    "test_flower_runs.py",
+    "test_gpu_check.py",
+    "test_faults.py",
+    "test_feedback.py",
+    "test_notebook.py",
+    "test_install.py",
+    "test_ray_cluster.py",
+    "test_hostile.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long files first (a stable sort: each file's tests keep their order)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """One torch thread in the test process. The apps in TINY runs are pinned to one thread too,
