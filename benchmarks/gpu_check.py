@@ -81,6 +81,9 @@ def main() -> None:
     args = parser.parse_args()
     base = (QUICK if args.quick else FULL) | {"num-rounds": 1, "device": args.device}
     base |= {"client-threads": 0, "server-threads": 0, "progress-seconds": 0.0}
+    if args.quick:  # a check of the script, often beside other work: one thread, no spinning
+        base |= {"client-threads": 1, "server-threads": 1}
+        torch.set_num_threads(1)
     many = 2 if args.quick else 10
     gpu = torch.cuda.is_available() and args.device != "cpu"
     out = Path(tempfile.mkdtemp(prefix="gpu-check-"))
