@@ -80,9 +80,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     base = (QUICK if args.quick else FULL) | {"num-rounds": 1, "device": args.device}
-    base |= {"client-threads": 0, "server-threads": 0, "progress-seconds": 0.0}
-    if args.quick:  # a check of the script, often beside other work: one thread, no spinning
-        base |= {"client-threads": 1, "server-threads": 1}
+    # --quick checks the script, often beside other work: one thread each, no spinning; else auto
+    threads = 1 if args.quick else 0
+    base |= {"client-threads": threads, "server-threads": threads, "progress-seconds": 0.0}
+    if args.quick:
         torch.set_num_threads(1)
     many = 2 if args.quick else 10
     gpu = torch.cuda.is_available() and args.device != "cpu"

@@ -23,12 +23,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from deploy.local_superlink import APP_PACKAGES
 from tests.conftest import ROOT, TINY, data_dir
 from tests.test_grid_table import write_run
 
 pytestmark = pytest.mark.slow  # builds a wheel and runs Flower once: about a minute
 
-PACKAGES = ("flower_app", "strategies", "split_core", "models")
 NOTEBOOK = ROOT / "notebooks" / "compare_strategies.ipynb"
 SETTINGS = TINY | {"num-rounds": 1, "samples-per-client": 64, "test-samples": 64}
 
@@ -96,7 +96,7 @@ def run_in(venv: Path, cwd: Path, *args: str, extra_env: dict[str, str] | None =
 WHERE_FROM = """
 import importlib, json, split_core.config
 print(json.dumps({
-    "files": {p: importlib.import_module(p).__file__ for p in PACKAGES},
+    "files": {p: importlib.import_module(p).__file__ for p in APP_PACKAGES},
     "defaults": split_core.config.default_run_config(),
     "packaged": str(split_core.config.PACKAGED_PYPROJECT),
 }))
@@ -118,7 +118,7 @@ print(comparison_table(runs))
 def test_wheel_is_imported_from_the_venv_with_the_checkouts_defaults(venv, tmp_path):
     from split_core.config import default_run_config
 
-    script = f"PACKAGES = {PACKAGES!r}\n{WHERE_FROM}"
+    script = f"APP_PACKAGES = {APP_PACKAGES!r}\n{WHERE_FROM}"
     found = json.loads(run_in(venv, tmp_path, "-c", script))
     for package, file in found["files"].items():
         assert Path(file).is_relative_to(venv), f"{package} imported from {file}"

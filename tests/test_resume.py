@@ -22,6 +22,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message
 
+from experiments.sweep_session import cmdline
 from flower_app import client_app as real
 from flower_app.results import RunDirExists, read_rounds
 from flower_app.simulation import simulate
@@ -58,19 +59,10 @@ def simulation_process(flwr_run) -> psutil.Process:
     simulation = [
         p
         for p in psutil.Process(flwr_run.link.proc.pid).children(recursive=True)
-        if "flwr-simulation" in " ".join(_cmdline(p))
+        if "flwr-simulation" in cmdline(p.pid)  # "" for one that ended (CI once met a zombie)
     ]
     assert len(simulation) == 1
     return simulation[0]
-
-
-def _cmdline(process: psutil.Process) -> list[str]:
-    """Its command line; none for a process that ended (an earlier run's, not yet reaped: CI
-    once met such a zombie among the SuperLink's children)."""
-    try:
-        return process.cmdline()
-    except (psutil.ZombieProcess, psutil.NoSuchProcess):
-        return []
 
 
 def gone(process: psutil.Process) -> bool:
